@@ -1,0 +1,43 @@
+"""Conveyor: a distributed task queue for Python on PostgreSQL."""
+
+from conveyor.app import App, load_app
+from conveyor.core.context import TaskContext, current_task
+from conveyor.core.retry import RetryPolicy
+from conveyor.core.states import TaskState
+from conveyor.errors import (
+    ConveyorError,
+    IdempotencyConflict,
+    InvalidTransition,
+    NonRetryable,
+    PayloadError,
+    ResultTimeout,
+    Retry,
+    TaskCancelled,
+    TaskFailed,
+    TaskNotFound,
+    UnknownTask,
+)
+from conveyor.handles import Signature, Task, TaskHandle
+
+__all__ = [
+    "App",
+    "ConveyorError",
+    "IdempotencyConflict",
+    "InvalidTransition",
+    "NonRetryable",
+    "PayloadError",
+    "ResultTimeout",
+    "Retry",
+    "RetryPolicy",
+    "Signature",
+    "Task",
+    "TaskCancelled",
+    "TaskContext",
+    "TaskFailed",
+    "TaskHandle",
+    "TaskNotFound",
+    "TaskState",
+    "UnknownTask",
+    "current_task",
+    "load_app",
+]

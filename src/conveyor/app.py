@@ -1,0 +1,348 @@
+"""The composition root: settings -> database -> stores -> the user's API. The one module that wires layers."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import threading
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar, overload
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from conveyor.config import Settings, load_settings
+from conveyor.core.payload import encode, encode_arguments, payload_fingerprint
+from conveyor.core.records import EnqueueRequest
+from conveyor.core.retry import RetryPolicy
+from conveyor.core.task import (
+    ExecutorKind,
+    TaskDefinition,
+    TaskOptions,
+    TaskRegistry,
+    check_task_name,
+    default_task_name,
+    delay_seconds,
+)
+from conveyor.db import migrate
+from conveyor.db.engine import create_engine
+from conveyor.db.executors import AsyncConnectionLike, SyncConnectionLike, drive_sync
+from conveyor.db.task_store import TaskStore, enqueue_plan
+from conveyor.db.worker_store import WorkerStore
+from conveyor.errors import ConfigError, DatabaseError, UnknownTask
+from conveyor.handles import P, R, Signature, Task, TaskHandle, make_options
+from conveyor.sync_bridge import LoopThread
+
+T = TypeVar("T")
+log = logging.getLogger("conveyor.app")
+
+#: Rows per INSERT statement in bulk enqueue: large enough to amortise the round trip, small enough
+#: to keep one statement's memory and lock footprint modest.
+BULK_BATCH = 5000
+
+
+@dataclass
+class _Runtime:
+    """Per-event-loop resources: asyncio connections belong to the loop that opened them."""
+
+    engine: AsyncEngine
+    tasks: TaskStore
+    workers: WorkerStore
+
+
+class App:
+    """A Conveyor application: the task registry and the way to the database.
+
+    ``App()`` reads settings from ``CONVEYOR_*`` and an optional config file; with no database URL it
+    starts (or joins) the embedded PostgreSQL server. Nothing connects until first use.
+    """
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        config_file: str | None = None,
+        strict_names: bool = True,
+    ) -> None:
+        if settings is None:
+            settings = load_settings(config_file, overrides={"database_url": database_url})
+        elif database_url is not None:
+            raise ConfigError("give either database_url or settings, not both")
+        self.settings = settings
+        self.registry = TaskRegistry()
+        #: When true, enqueue by name refuses names this app has not registered (typos fail fast).
+        #: Producers that enqueue tasks defined in another code base set it to False.
+        self.strict_names = strict_names
+        self._url: str | None = None
+        self._embedded: Any = None
+        self._runtimes: dict[asyncio.AbstractEventLoop, _Runtime] = {}
+        self._lock = threading.Lock()
+        self._bridge = LoopThread()
+
+    # -- task definitions ------------------------------------------------------------------------
+
+    @overload
+    def task(self, func: Callable[P, R]) -> Task[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        priority: int = 0,
+        max_attempts: int = 3,
+        timeout: float | None = None,
+        executor: ExecutorKind | None = None,
+        retry: RetryPolicy | None = None,
+        retry_on: Sequence[type[BaseException]] | None = None,
+        dont_retry_on: Sequence[type[BaseException]] | None = None,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    def task(
+        self,
+        func: Callable[P, R] | None = None,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        priority: int = 0,
+        max_attempts: int = 3,
+        timeout: float | None = None,
+        executor: ExecutorKind | None = None,
+        retry: RetryPolicy | None = None,
+        retry_on: Sequence[type[BaseException]] | None = None,
+        dont_retry_on: Sequence[type[BaseException]] | None = None,
+    ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
+        """Register a task. ``timeout`` is in seconds; ``executor`` is "async", "thread" or "process"
+        (default: async functions on the event loop, plain functions on a thread pool). Unknown
+        options are a ``TypeError`` at import time, not a surprise at run time."""
+        policy = retry or RetryPolicy()
+        if retry_on is not None or dont_retry_on is not None:
+            policy = RetryPolicy(
+                base_s=policy.base_s,
+                factor=policy.factor,
+                cap_s=policy.cap_s,
+                jitter=policy.jitter,
+                retry_on=tuple(retry_on) if retry_on is not None else policy.retry_on,
+                dont_retry_on=tuple(dont_retry_on) if dont_retry_on is not None else policy.dont_retry_on,
+            )
+        options = TaskOptions(
+            queue=queue,
+            priority=priority,
+            max_attempts=max_attempts,
+            timeout_s=timeout,
+            executor=executor,
+            retry=policy,
+        )
+
+        def register(fn: Callable[P, R]) -> Task[P, R]:
+            definition = TaskDefinition(name=name or default_task_name(fn), func=fn, options=options)
+            self.registry.add(definition)
+            return Task(self, definition)
+
+        return register(func) if func is not None else register
+
+    # -- enqueue ---------------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        name: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        connection: SyncConnectionLike | None = None,
+        **options: Any,
+    ) -> TaskHandle:
+        """Enqueue a task by name with JSON arguments."""
+        return self.enqueue_signature(Signature(name, args, kwargs or {}, make_options(**options)), connection)
+
+    async def enqueue_async(
+        self,
+        name: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        connection: AsyncConnectionLike | None = None,
+        **options: Any,
+    ) -> TaskHandle:
+        signature = Signature(name, args, kwargs or {}, make_options(**options))
+        return await self.enqueue_signature_async(signature, connection)
+
+    def enqueue_signature(self, signature: Signature, connection: SyncConnectionLike | None = None) -> TaskHandle:
+        return self.enqueue_many([signature], connection=connection)[0]
+
+    async def enqueue_signature_async(
+        self, signature: Signature, connection: AsyncConnectionLike | None = None
+    ) -> TaskHandle:
+        return (await self.enqueue_many_async([signature], connection=connection))[0]
+
+    def enqueue_many(
+        self, items: Iterable[Signature | Mapping[str, Any]], *, connection: SyncConnectionLike | None = None
+    ) -> list[TaskHandle]:
+        """Enqueue many tasks with one round trip per batch of up to 5,000. Items are signatures
+        (``task.s(...)``) or mappings ``{"name", "args", "kwargs", ...options}``."""
+        requests = [self.build_request(item) for item in items]
+        if connection is None:
+            return self.run_sync(self._enqueue_requests(requests))
+        handles: list[TaskHandle] = []
+        for start in range(0, len(requests), BULK_BATCH):
+            results = drive_sync(enqueue_plan(requests[start : start + BULK_BATCH]), connection)
+            handles.extend(TaskHandle(self, r.id, created=r.created, state=r.state) for r in results)
+        return handles
+
+    async def enqueue_many_async(
+        self, items: Iterable[Signature | Mapping[str, Any]], *, connection: AsyncConnectionLike | None = None
+    ) -> list[TaskHandle]:
+        requests = [self.build_request(item) for item in items]
+        return await self._enqueue_requests(requests, connection)
+
+    async def _enqueue_requests(
+        self, requests: Sequence[EnqueueRequest], connection: AsyncConnectionLike | None = None
+    ) -> list[TaskHandle]:
+        handles: list[TaskHandle] = []
+        store = self.store()
+        for start in range(0, len(requests), BULK_BATCH):
+            results = await store.enqueue(requests[start : start + BULK_BATCH], connection)
+            handles.extend(TaskHandle(self, r.id, created=r.created, state=r.state) for r in results)
+        return handles
+
+    def build_request(self, item: Signature | Mapping[str, Any]) -> EnqueueRequest:
+        """Validate and encode one enqueue; every path (Python, bulk, HTTP, workflows) goes through here."""
+        signature = item if isinstance(item, Signature) else _signature_from_mapping(item)
+        check_task_name(signature.name)
+        defaults = TaskOptions()
+        if signature.name in self.registry:
+            defaults = self.registry.get(signature.name).options
+        elif self.strict_names:
+            raise UnknownTask(
+                f"no task named {signature.name!r} is registered with this app "
+                "(create the App with strict_names=False to enqueue tasks defined elsewhere)"
+            )
+        options = signature.options
+        limit = self.settings.payload_limit_bytes
+        args_json, kwargs_json = encode_arguments(signature.args, signature.kwargs, limit_bytes=limit)
+        queue = options.queue or defaults.queue
+        return EnqueueRequest(
+            name=signature.name,
+            queue=queue,
+            priority=options.priority if options.priority is not None else defaults.priority,
+            args_json=args_json,
+            kwargs_json=kwargs_json,
+            metadata_json=encode(dict(options.metadata or {}), what="metadata", limit_bytes=limit),
+            max_attempts=options.max_attempts or defaults.max_attempts,
+            timeout_s=options.timeout if options.timeout is not None else defaults.timeout_s,
+            delay_s=None if options.delay is None else delay_seconds(options.delay),
+            eta=options.eta,
+            idempotency_key=options.idempotency_key,
+            payload_hash=(
+                payload_fingerprint(signature.name, queue, args_json, kwargs_json)
+                if options.idempotency_key is not None
+                else None
+            ),
+            unique_key=options.unique_key,
+        )
+
+    # -- task access -----------------------------------------------------------------------------
+
+    def handle(self, task_id: int) -> TaskHandle:
+        return TaskHandle(self, task_id)
+
+    # -- plumbing --------------------------------------------------------------------------------
+
+    @property
+    def database_url(self) -> str:
+        """The URL in use; starts the embedded server on first use when none is configured."""
+        with self._lock:
+            if self._url is None:
+                if self.settings.database_url is not None:
+                    self._url = self.settings.database_url.get_secret_value()
+                else:
+                    self._url = self._start_embedded()
+            return self._url
+
+    def _start_embedded(self) -> str:
+        from conveyor.db.embedded import EmbeddedPostgres, default_data_dir
+
+        embedded_settings = self.settings.embedded
+        server = EmbeddedPostgres(embedded_settings.data_dir or default_data_dir(), port=embedded_settings.port)
+        url = server.start()
+        self._embedded = server
+        # We own this database: keep its schema current without asking.
+        migrate.upgrade(url)
+        log.info("using the embedded PostgreSQL at %s", url)
+        return url
+
+    def runtime(self) -> _Runtime:
+        """The engine and stores for the running event loop (created on first use in that loop)."""
+        loop = asyncio.get_running_loop()
+        runtime = self._runtimes.get(loop)
+        if runtime is None:
+            engine = create_engine(self.database_url, pool_size=self.settings.worker.concurrency + 5)
+            runtime = _Runtime(engine, TaskStore(engine), WorkerStore(engine))
+            self._runtimes[loop] = runtime
+        return runtime
+
+    def store(self) -> TaskStore:
+        return self.runtime().tasks
+
+    def run_sync(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._bridge.run(coro)
+
+    def check_schema(self) -> None:
+        """Refuse to run against a database whose schema is not the one this code expects."""
+        current = migrate.current_revision(self.database_url)
+        head = migrate.head_revision()
+        if current != head:
+            raise DatabaseError(
+                f"the database schema is at {current or 'nothing'}, this Conveyor needs {head}: "
+                "run `conveyor db upgrade`"
+            )
+
+    async def aclose(self) -> None:
+        """Dispose of the engine of the running loop."""
+        loop = asyncio.get_running_loop()
+        runtime = self._runtimes.pop(loop, None)
+        if runtime is not None:
+            await runtime.engine.dispose()
+
+    def close(self) -> None:
+        """Release connections and the sync bridge; stop the embedded server if this app started it."""
+        bridge_loop = self._bridge._loop
+        if bridge_loop is not None and bridge_loop in self._runtimes:
+            self._bridge.run(self.aclose())
+        self._bridge.stop()
+        if self._embedded is not None and self._embedded.owns_server:
+            self._embedded.stop()
+            self._embedded = None
+
+
+def _signature_from_mapping(item: Mapping[str, Any]) -> Signature:
+    data = dict(item)
+    try:
+        name = data.pop("name")
+    except KeyError:
+        raise TypeError("each item needs a 'name'") from None
+    args = data.pop("args", ())
+    kwargs = data.pop("kwargs", None) or {}
+    return Signature(name, args, kwargs, make_options(**data))
+
+
+def load_app(reference: str) -> App:
+    """Import ``package.module:attribute`` and return the App it names."""
+    module_name, _, attribute = reference.partition(":")
+    if not module_name or not attribute:
+        raise ConfigError(f"app reference {reference!r} must look like 'package.module:app'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import {module_name!r} for app {reference!r}: {exc}") from exc
+    app = getattr(module, attribute, None)
+    if not isinstance(app, App):
+        raise ConfigError(f"{reference!r} is not a conveyor.App (found {type(app).__name__})")
+    return app
+
+
+def dumps_result(value: Any, limit_bytes: int) -> str:
+    return encode(value, what="result", limit_bytes=limit_bytes)
