@@ -81,6 +81,13 @@ class App:
         self._lock = threading.Lock()
         self._bridge = LoopThread()
 
+    def configure(self, settings: Settings) -> None:
+        """Replace the settings (the CLI does this with its flags) before anything has connected."""
+        with self._lock:
+            if self._url is not None or self._runtimes:
+                raise ConfigError("cannot change settings after the app has connected to the database")
+            self.settings = settings
+
     # -- task definitions ------------------------------------------------------------------------
 
     @overload

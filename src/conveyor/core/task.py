@@ -119,9 +119,10 @@ class EnqueueOptions:
     def merged(self, other: EnqueueOptions) -> EnqueueOptions:
         """These options with every value ``other`` sets laid over them."""
         changes = {k: v for k, v in vars(other).items() if v is not None}
-        if "delay" in changes:
+        # A run time given later replaces the earlier one, whichever way each was expressed.
+        if other.delay is not None:
             changes["eta"] = None
-        if "eta" in changes:
+        if other.eta is not None:
             changes["delay"] = None
         return replace(self, **changes)
 
