@@ -27,7 +27,10 @@ _DDL = """CREATE TABLE IF NOT EXISTS test_executions (
 def _record(label: str | None = None) -> None:
     ctx = conveyor.current_task()
     with psycopg.connect(os.environ["CONVEYOR_DATABASE_URL"], autocommit=True) as conn:
-        conn.execute(_DDL)
+        try:
+            conn.execute(_DDL)
+        except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
+            pass  # two first executions raced to create it: CREATE ... IF NOT EXISTS is not atomic
         conn.execute(
             "INSERT INTO test_executions (task_id, attempt, pid, label) VALUES (%s, %s, %s, %s)",
             (ctx.id, ctx.attempt, os.getpid(), label),
@@ -87,3 +90,18 @@ def kill_my_worker() -> None:
     """A poison pill: kills the worker process that runs it."""
     _record("kill")
     os.kill(os.getpid(), 9)
+
+
+@app.task(name="tally", max_attempts=3)
+def tally(directory: str) -> None:
+    """Appends its id to a per-process file: cheap enough for 10,000 runs, exact enough to count them."""
+    ctx = conveyor.current_task()
+    with open(Path(directory) / f"{os.getpid()}.txt", "a") as out:
+        out.write(f"{ctx.id}\n")
+
+
+@app.task(name="stubborn", max_attempts=3)
+def stubborn(seconds: float) -> None:
+    """Ignores cancellation (as badly written code does)."""
+    _record("stubborn")
+    time.sleep(seconds)

@@ -15,6 +15,8 @@ from conveyor.db.urls import sqlalchemy_url
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Any constant works; it only has to be the same for every Conveyor process sharing a database.
 _MIGRATION_LOCK_KEY = 0x636F6E76  # "conv"
+#: Our own name, so Conveyor's migrations never collide with the host application's Alembic history.
+VERSION_TABLE = "conveyor_alembic_version"
 
 
 def alembic_config(database_url: str) -> Config:
@@ -49,7 +51,8 @@ def current_revision(database_url: str) -> str | None:
     engine = create_engine(sqlalchemy_url(database_url))
     try:
         with engine.connect() as connection:
-            return MigrationContext.configure(connection).get_current_revision()
+            context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+            return context.get_current_revision()
     finally:
         engine.dispose()
 

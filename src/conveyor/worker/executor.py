@@ -10,7 +10,7 @@ import logging
 import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from conveyor.core.context import TaskContext, reset_current_task, set_current_task
 from conveyor.core.outcomes import ErrorInfo, next_after_failure
@@ -20,9 +20,7 @@ from conveyor.core.retry import RetryPolicy
 from conveyor.core.states import TaskState
 from conveyor.core.task import TaskDefinition, TaskRegistry
 from conveyor.errors import PayloadError, UnknownTask
-
-if TYPE_CHECKING:
-    from conveyor.worker.process_pool import ProcessPool
+from conveyor.worker.process_pool import ProcessPool, ProcessPoolError
 
 log = logging.getLogger("conveyor.worker")
 
@@ -63,6 +61,8 @@ class Executor:
         self.threads = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="conveyor-task")
         #: Thread tasks that outlived their timeout: Python cannot stop a thread, so they run on.
         self.abandoned_threads = 0
+        #: Threads running task code right now (abandoned ones included).
+        self.busy_threads = 0
 
     async def run(self, execution: Execution) -> Outcome | None:
         """The attempt's outcome, or None when the lease was lost (nothing may be written then)."""
@@ -82,7 +82,7 @@ class Executor:
             message = f"task exceeded its timeout of {claimed.timeout_s or definition.options.timeout_s} s"
             if execution.context.cancel_requested and execution.cancel_reason:
                 return self._after_cancel(execution)
-            return self._failure(claimed, ErrorInfo.synthetic("TimeoutError", message), definition)
+            return self._failure(claimed, ErrorInfo.synthetic("builtins.TimeoutError", message), definition)
         except Exception as exc:
             if execution.cancel_reason is not None:
                 return self._after_cancel(execution)
@@ -101,6 +101,8 @@ class Executor:
                     return await definition.func(*claimed.args, **claimed.kwargs)
             call = functools.partial(contextvars.copy_context().run, definition.func, *claimed.args, **claimed.kwargs)
             future = asyncio.get_running_loop().run_in_executor(self.threads, call)
+            self.busy_threads += 1
+            future.add_done_callback(self._thread_done)
             try:
                 return await asyncio.wait_for(asyncio.shield(future), timeout_s)
             except (TimeoutError, asyncio.CancelledError):
@@ -123,6 +125,9 @@ class Executor:
     def _thread_finished(self, _: asyncio.Future[Any]) -> None:
         self.abandoned_threads -= 1
 
+    def _thread_done(self, _: asyncio.Future[Any]) -> None:
+        self.busy_threads -= 1
+
     async def _run_in_process(self, definition: TaskDefinition, execution: Execution) -> Outcome | None:
         claimed = execution.claimed
         if self.process_pool is None:
@@ -140,9 +145,14 @@ class Executor:
             "max_attempts": claimed.max_attempts,
             "worker_id": execution.context.worker_id,
         }
-        outcome = await self.process_pool.run(
-            claimed.name, claimed.args, claimed.kwargs, context=context, timeout_s=timeout_s
-        )
+        try:
+            outcome = await self.process_pool.run(
+                claimed.name, claimed.args, claimed.kwargs, context=context, timeout_s=timeout_s
+            )
+        except ProcessPoolError as exc:
+            # No child could be started (the app no longer imports, say): a failed attempt, retried
+            # with backoff, rather than a crashed worker.
+            return self._failure(claimed, ErrorInfo.synthetic("conveyor.ProcessPoolError", str(exc)), definition)
         if outcome.ok:
             return self._success(claimed, outcome.result)
         if execution.cancel_reason is not None:

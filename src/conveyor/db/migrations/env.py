@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection, create_engine
 
+from conveyor.db.migrate import VERSION_TABLE
 from conveyor.db.models import metadata
 
 
@@ -12,7 +13,7 @@ def _run(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=metadata,
-        version_table="conveyor_alembic_version",
+        version_table=VERSION_TABLE,
         compare_type=True,
     )
     with context.begin_transaction():
