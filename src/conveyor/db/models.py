@@ -144,3 +144,8 @@ queues = Table(
     CheckConstraint("concurrency_limit IS NULL OR concurrency_limit >= 0", name="concurrency_limit_valid"),
     CheckConstraint("rate_limit_per_s IS NULL OR rate_limit_per_s > 0", name="rate_limit_valid"),
 )
+
+
+# Tables owned by other subsystems live in their own modules on the same metadata; importing them here
+# registers them, so `metadata` (and the migration drift test) always sees the whole schema.
+from conveyor.db import models_auth, models_schedules  # noqa: E402, F401
