@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
+import queue
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
+from datetime import timedelta
+from functools import cached_property
 from typing import Any, TypeVar, overload
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -16,7 +21,9 @@ from conveyor.config import Settings, load_settings
 from conveyor.core.payload import encode, encode_arguments, payload_fingerprint
 from conveyor.core.records import EnqueueRequest
 from conveyor.core.retry import RetryPolicy
+from conveyor.core.schedule import MisfirePolicy, ScheduleDefinition, ScheduleRegistry, Timing, interval_from
 from conveyor.core.task import (
+    EnqueueOptions,
     ExecutorKind,
     TaskDefinition,
     TaskOptions,
@@ -28,6 +35,7 @@ from conveyor.core.task import (
 from conveyor.db import migrate
 from conveyor.db.engine import create_engine
 from conveyor.db.executors import AsyncConnectionLike, SyncConnectionLike, drive_sync
+from conveyor.db.hot_pool import HotPool
 from conveyor.db.task_store import TaskStore, enqueue_plan
 from conveyor.db.worker_store import WorkerStore
 from conveyor.errors import ConfigError, DatabaseError, UnknownTask
@@ -47,6 +55,7 @@ class _Runtime:
     """Per-event-loop resources: asyncio connections belong to the loop that opened them."""
 
     engine: AsyncEngine
+    hot: HotPool
     tasks: TaskStore
     workers: WorkerStore
 
@@ -80,6 +89,7 @@ class App:
         self._runtimes: dict[asyncio.AbstractEventLoop, _Runtime] = {}
         self._lock = threading.Lock()
         self._bridge = LoopThread()
+        self._defaults_cache: dict[str, TaskOptions] = {}
 
     def configure(self, settings: Settings) -> None:
         """Replace the settings (the CLI does this with its flags) before anything has connected."""
@@ -147,9 +157,92 @@ class App:
         def register(fn: Callable[P, R]) -> Task[P, R]:
             definition = TaskDefinition(name=name or default_task_name(fn), func=fn, options=options)
             self.registry.add(definition)
+            self._defaults_cache.pop(definition.name, None)
             return Task(self, definition)
 
         return register(func) if func is not None else register
+
+    # -- schedules (periodic tasks) --------------------------------------------------------------
+    # Declared here in code; every scheduler process writes them into the database as it starts
+    # (conveyor.scheduler.sync). Schedules managed at run time go through the API or the CLI instead.
+
+    @cached_property
+    def schedules(self) -> ScheduleRegistry:
+        """The schedules this app declares in code, by name."""
+        return ScheduleRegistry()
+
+    def periodic(
+        self,
+        *,
+        cron: str | None = None,
+        interval: float | timedelta | None = None,
+        timezone: str = "UTC",
+        name: str | None = None,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        misfire: MisfirePolicy = "once",
+        max_lateness: float | timedelta | None = None,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]:
+        """Run the decorated function on a schedule: it is registered as a task (unless it already is one,
+        e.g. ``@app.periodic(...)`` above ``@app.task(...)``) and as a schedule named ``name`` (default:
+        the task's name). See :meth:`schedule` for the options."""
+
+        def register(target: Callable[P, R]) -> Task[P, R]:
+            task: Task[P, R] = target if isinstance(target, Task) else self.task(target)
+            self.schedule(
+                name or task.name,
+                task,
+                cron=cron,
+                interval=interval,
+                timezone=timezone,
+                args=args,
+                kwargs=kwargs,
+                queue=queue,
+                priority=priority,
+                misfire=misfire,
+                max_lateness=max_lateness,
+            )
+            return task
+
+        return register
+
+    def schedule(
+        self,
+        name: str,
+        task: str | Task[..., Any],
+        *,
+        cron: str | None = None,
+        interval: float | timedelta | None = None,
+        timezone: str = "UTC",
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        misfire: MisfirePolicy = "once",
+        max_lateness: float | timedelta | None = None,
+    ) -> ScheduleDefinition:
+        """Declare a schedule for a task (by name or handle). Exactly one of ``cron`` (5 fields, or 6 with
+        seconds first, in ``timezone``) and ``interval`` (whole seconds, at least 1). ``queue`` and
+        ``priority`` default to the task's. ``misfire`` says what to do with fire times missed while no
+        scheduler ran: ``"skip"`` them, run ``"once"`` to catch up, or run ``"all"`` of them, none later
+        than ``max_lateness`` seconds. Invalid values raise ``ValueError`` here, at import."""
+        definition = ScheduleDefinition(
+            name=name,
+            task_name=task if isinstance(task, str) else task.name,
+            timing=Timing(
+                cron=cron, interval_s=None if interval is None else interval_from(interval), timezone=timezone
+            ),
+            args=tuple(args),
+            kwargs=dict(kwargs or {}),
+            queue=queue,
+            priority=priority,
+            misfire=misfire,
+            max_lateness_s=delay_seconds(max_lateness) if max_lateness is not None else None,
+        )
+        self.schedules.add(definition)
+        return definition
 
     # -- enqueue ---------------------------------------------------------------------------------
 
@@ -188,15 +281,48 @@ class App:
     def enqueue_many(
         self, items: Iterable[Signature | Mapping[str, Any]], *, connection: SyncConnectionLike | None = None
     ) -> list[TaskHandle]:
-        """Enqueue many tasks with one round trip per batch of up to 5,000. Items are signatures
-        (``task.s(...)``) or mappings ``{"name", "args", "kwargs", ...options}``."""
-        requests = [self.build_request(item) for item in items]
-        if connection is None:
-            return self.run_sync(self._enqueue_requests(requests))
+        """Enqueue many tasks, all or none, in batches of 5,000 rows (one COPY each). Items are
+        signatures (``task.s(...)``) or mappings ``{"name", "args", "kwargs", ...options}``.
+
+        Batches are validated here while the previous one is being written, in one transaction: an
+        invalid item anywhere leaves nothing stored."""
+        if connection is not None:
+            requests = [self.build_request(item) for item in items]
+            handles: list[TaskHandle] = []
+            for start in range(0, len(requests), BULK_BATCH):
+                results = drive_sync(enqueue_plan(requests[start : start + BULK_BATCH]), connection)
+                handles.extend(TaskHandle(self, r.id, created=r.created, state=r.state) for r in results)
+            return handles
+        feed: queue.Queue[list[EnqueueRequest] | None] = queue.Queue(maxsize=2)
+        writer = asyncio.run_coroutine_threadsafe(self._write_feed(feed), self._bridge.loop)
+        try:
+            batch: list[EnqueueRequest] = []
+            for item in items:
+                batch.append(self.build_request(item))
+                if len(batch) == BULK_BATCH:
+                    _put_while_alive(feed, batch, writer)
+                    batch = []
+            if batch:
+                _put_while_alive(feed, batch, writer)
+        except BaseException:
+            # The writer raises on the marker, which rolls its transaction back: nothing of this call
+            # is stored. Wait for that, so no half-written batch outlives the error.
+            with contextlib.suppress(Exception):
+                _put_while_alive(feed, _ABORT, writer)
+                writer.exception()
+            raise
+        _put_while_alive(feed, None, writer)
+        return writer.result()
+
+    async def _write_feed(self, feed: queue.Queue[list[EnqueueRequest] | None]) -> list[TaskHandle]:
+        store = self.store()
         handles: list[TaskHandle] = []
-        for start in range(0, len(requests), BULK_BATCH):
-            results = drive_sync(enqueue_plan(requests[start : start + BULK_BATCH]), connection)
-            handles.extend(TaskHandle(self, r.id, created=r.created, state=r.state) for r in results)
+        async with store.engine.begin() as conn:
+            while (batch := await asyncio.to_thread(feed.get)) is not None:
+                if batch is _ABORT:
+                    raise _BulkAborted
+                results = await store.enqueue_in(conn, batch)
+                handles.extend(TaskHandle(self, r.id, created=r.created, state=r.state) for r in results)
         return handles
 
     async def enqueue_many_async(
@@ -210,23 +336,21 @@ class App:
     ) -> list[TaskHandle]:
         handles: list[TaskHandle] = []
         store = self.store()
-        for start in range(0, len(requests), BULK_BATCH):
-            results = await store.enqueue(requests[start : start + BULK_BATCH], connection)
-            handles.extend(TaskHandle(self, r.id, created=r.created, state=r.state) for r in results)
+        if connection is not None:
+            for start in range(0, len(requests), BULK_BATCH):
+                results = await store.enqueue(requests[start : start + BULK_BATCH], connection)
+                handles.extend(TaskHandle(self, r.id, created=r.created, state=r.state) for r in results)
+            return handles
+        async with store.engine.begin() as conn:  # all or none, like the sync form
+            for start in range(0, len(requests), BULK_BATCH):
+                results = await store.enqueue_in(conn, requests[start : start + BULK_BATCH])
+                handles.extend(TaskHandle(self, r.id, created=r.created, state=r.state) for r in results)
         return handles
 
     def build_request(self, item: Signature | Mapping[str, Any]) -> EnqueueRequest:
         """Validate and encode one enqueue; every path (Python, bulk, HTTP, workflows) goes through here."""
         signature = item if isinstance(item, Signature) else _signature_from_mapping(item)
-        check_task_name(signature.name)
-        defaults = TaskOptions()
-        if signature.name in self.registry:
-            defaults = self.registry.get(signature.name).options
-        elif self.strict_names:
-            raise UnknownTask(
-                f"no task named {signature.name!r} is registered with this app "
-                "(create the App with strict_names=False to enqueue tasks defined elsewhere)"
-            )
+        defaults = self._defaults_for(signature.name)
         options = signature.options
         limit = self.settings.payload_limit_bytes
         args_json, kwargs_json = encode_arguments(signature.args, signature.kwargs, limit_bytes=limit)
@@ -237,7 +361,9 @@ class App:
             priority=options.priority if options.priority is not None else defaults.priority,
             args_json=args_json,
             kwargs_json=kwargs_json,
-            metadata_json=encode(dict(options.metadata or {}), what="metadata", limit_bytes=limit),
+            metadata_json=encode(dict(options.metadata), what="metadata", limit_bytes=limit)
+            if options.metadata
+            else "{}",
             max_attempts=options.max_attempts or defaults.max_attempts,
             timeout_s=options.timeout if options.timeout is not None else defaults.timeout_s,
             delay_s=None if options.delay is None else delay_seconds(options.delay),
@@ -250,6 +376,23 @@ class App:
             ),
             unique_key=options.unique_key,
         )
+
+    def _defaults_for(self, name: str) -> TaskOptions:
+        """The options a task name enqueues with; checked once per name, then remembered."""
+        defaults = self._defaults_cache.get(name)
+        if defaults is None or (name not in self.registry and self.strict_names):
+            check_task_name(name)
+            if name in self.registry:
+                defaults = self.registry.get(name).options
+            elif self.strict_names:
+                raise UnknownTask(
+                    f"no task named {name!r} is registered with this app "
+                    "(create the App with strict_names=False to enqueue tasks defined elsewhere)"
+                )
+            else:
+                defaults = _DEFAULT_OPTIONS
+            self._defaults_cache[name] = defaults
+        return defaults
 
     # -- task access -----------------------------------------------------------------------------
 
@@ -287,7 +430,8 @@ class App:
         runtime = self._runtimes.get(loop)
         if runtime is None:
             engine = create_engine(self.database_url, pool_size=self.settings.worker.concurrency + 5)
-            runtime = _Runtime(engine, TaskStore(engine), WorkerStore(engine))
+            hot = HotPool(self.database_url)
+            runtime = _Runtime(engine, hot, TaskStore(engine, hot), WorkerStore(engine))
             self._runtimes[loop] = runtime
         return runtime
 
@@ -312,6 +456,7 @@ class App:
         loop = asyncio.get_running_loop()
         runtime = self._runtimes.pop(loop, None)
         if runtime is not None:
+            await runtime.hot.close()
             await runtime.engine.dispose()
 
     def close(self) -> None:
@@ -325,6 +470,31 @@ class App:
             self._embedded = None
 
 
+def _put_while_alive(
+    feed: queue.Queue[list[EnqueueRequest] | None], item: list[EnqueueRequest] | None, writer: Future[Any]
+) -> None:
+    """Hand a batch to the writer; if the writer died (the database refused), raise its error instead
+    of waiting forever on a full queue."""
+    while True:
+        try:
+            feed.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            if writer.done():
+                writer.result()
+                raise RuntimeError("bulk enqueue writer stopped early") from None
+
+
+class _BulkAborted(Exception):
+    """The caller of a bulk enqueue hit an invalid item: roll back what was written."""
+
+
+_ABORT: list[EnqueueRequest] = []  # identity marker on the bulk enqueue feed
+
+_DEFAULT_OPTIONS = TaskOptions()
+_NO_OPTIONS = EnqueueOptions()
+
+
 def _signature_from_mapping(item: Mapping[str, Any]) -> Signature:
     data = dict(item)
     try:
@@ -333,7 +503,7 @@ def _signature_from_mapping(item: Mapping[str, Any]) -> Signature:
         raise TypeError("each item needs a 'name'") from None
     args = data.pop("args", ())
     kwargs = data.pop("kwargs", None) or {}
-    return Signature(name, args, kwargs, make_options(**data))
+    return Signature(name, args, kwargs, make_options(**data) if data else _NO_OPTIONS)
 
 
 def load_app(reference: str) -> App:

@@ -212,6 +212,22 @@ def test_worker__json_logs_are_one_object_per_line(env: dict[str, str], workdir:
     assert any(r["logger"] == "conveyor.worker" and "drained" in r["event"] for r in records)
 
 
+def test_settings__file_then_environment_then_flags(env: dict[str, str], workdir: Path, producer: App) -> None:
+    config = workdir / "settings.toml"
+    config.write_text('log_format = "json"\n[worker]\nqueues = ["from-file"]\nconcurrency = 3\n')
+    task_id = producer.enqueue("add", [4, 4], queue="from-flag").id
+    env = {**env, "CONVEYOR_WORKER__QUEUES": "from-env"}
+
+    result = conveyor(
+        "worker", "--app", APP, "--burst", "--config", str(config), "--queues", "from-flag", env=env, cwd=workdir
+    )
+
+    ok(result)
+    assert show(task_id, env, workdir)["state"] == "succeeded"  # the flag beat the environment and the file
+    started = [json.loads(line) for line in result.stderr.splitlines() if "started on queues" in line]
+    assert "['from-flag'], concurrency 3" in started[0]["event"]  # the file's log_format and concurrency held
+
+
 def test_tasks_list__filters_by_state(env: dict[str, str], workdir: Path, producer: App) -> None:
     ids = [producer.enqueue("add", [i, i]).id for i in range(3)]
     assert "cancelled" in ok(conveyor("tasks", "cancel", str(ids[0]), env=env, cwd=workdir))

@@ -260,3 +260,31 @@ async def test_claim_plan__uses_the_partial_claim_index(aapp: App, store: TaskSt
         await conn.rollback()
     assert "ix_conveyor_tasks_claim" in plan
     assert '"Node Type": "Seq Scan", "Parent Relationship": "Inner"' not in plan
+
+
+async def test_bulk_enqueue__copy_path_round_trips_awkward_json(aapp: App, store: TaskStore) -> None:
+    awkward = ["tab\there", "new\nline", "back\\slash \\N", "quote\"s", "ünïcødé ☃", "\\u0000 is fine", {"k\t": [1.5, None]}]
+    handles = await aapp.enqueue_many_async(
+        [{"name": "t", "args": [i, awkward], "kwargs": {"x\\y": "\\\\"}} for i in range(200)]
+    )
+    assert len({h.id for h in handles}) == 200
+    for i in (0, 199):
+        record = await store.get(handles[i].id)
+        assert record.args == [i, awkward] and record.kwargs == {"x\\y": "\\\\"}
+        assert record.state == TaskState.QUEUED
+
+
+def test_bulk_enqueue__an_invalid_item_stores_nothing(app: App) -> None:
+    @app.task(name="t")
+    def t(*args: object) -> None: ...
+
+    items: list[dict[str, object]] = [{"name": "t", "args": [i]} for i in range(12_000)]
+    items.append({"name": "t", "args": [object()]})
+    with pytest.raises(PayloadError):
+        app.enqueue_many(items)
+    assert app.enqueue_many([]) == []
+
+    async def count() -> int:
+        return len(await app.store().list(limit=100))
+
+    assert app.run_sync(count()) == 0

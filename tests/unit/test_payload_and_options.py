@@ -58,3 +58,9 @@ def test_options__merge_later_wins_and_delay_replaces_eta() -> None:
     base = EnqueueOptions(queue="a", eta=datetime(2030, 1, 1).astimezone())
     merged = base.merged(EnqueueOptions(delay=5, priority=2))
     assert (merged.queue, merged.priority, merged.delay, merged.eta) == ("a", 2, 5, None)
+
+
+def test_arguments__nul_characters_are_refused_but_escaped_lookalikes_are_not() -> None:
+    with pytest.raises(PayloadError, match="NUL"):
+        encode_arguments(["a\x00b"], {}, limit_bytes=1000)
+    encode_arguments(["\\u0000"], {"k": "\\\\u0000"}, limit_bytes=1000)

@@ -9,7 +9,7 @@ from conveyor.cli.common import ConfigOption, DatabaseUrlOption, load, opened
 from conveyor.db import migrate
 from conveyor.db.urls import redact
 
-db = typer.Typer(help="Inspect and upgrade the database schema.", no_args_is_help=False)
+db = typer.Typer(help="Inspect and upgrade the database schema.")
 
 
 @db.callback(invoke_without_command=True)

@@ -82,8 +82,12 @@ def enqueue(
     except ValueError as exc:
         raise BadInput(str(exc)) from None
     app = import_app(app_ref, settings) if app_ref is not None else App(settings=settings, strict_names=False)
+    signature = Signature(name, positional, keywords, options)
     with opened(app):
-        handle = app.enqueue_signature(Signature(name, positional, keywords, options))
+        # Validate (unknown name, payload size) before the write starts: a refused enqueue then never
+        # opens a transaction at all.
+        app.build_request(signature)
+        handle = app.enqueue_signature(signature)
     if as_json:
         typer.echo(json.dumps({"id": handle.id, "created": handle.created}))
     else:

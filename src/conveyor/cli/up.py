@@ -67,11 +67,13 @@ def up(
     log_level: Annotated[
         str | None, typer.Option("--log-level", help="debug, info, warning or error.", show_default=False)
     ] = None,
+    log_format: Annotated[str | None, typer.Option("--log-format", help="console or json.", show_default=False)] = None,
     config: ConfigOption = None,
 ) -> None:
     """Start the database (embedded unless one is configured), migrate it and run a worker, until SIGTERM."""
     signals = EarlySignals().install()
-    settings = load(config, {"worker.app": app_ref, "database_url": database_url, "log_level": log_level})
+    overrides = {"worker.app": app_ref, "database_url": database_url, "log_level": log_level, "log_format": log_format}
+    settings = load(config, overrides)
     reference = settings.worker.app
     if reference is not None:
         app = import_app(reference, settings)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from typing import ParamSpec, TypeVar
 
 import psycopg
 import sqlalchemy.exc
@@ -29,3 +31,18 @@ def translate_errors() -> Iterator[None]:
 
 def _first_line(exc: BaseException | None) -> str:
     return str(exc).strip().splitlines()[0] if exc is not None and str(exc).strip() else "no detail"
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def translated(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """:func:`translate_errors` around a whole repository coroutine."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        with translate_errors():
+            return await method(*args, **kwargs)
+
+    return wrapper

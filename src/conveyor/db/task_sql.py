@@ -3,7 +3,8 @@
 They are plain strings so the same text runs on a SQLAlchemy connection (``exec_driver_sql``), on a
 caller's SQLAlchemy session or on a caller's raw psycopg connection (transactional enqueue). Every
 statement that changes a task's state also appends its history event in the same statement, so the
-two can never disagree and each costs one round trip.
+two can never disagree and each costs one round trip. (Enqueue writes no event row: the task row, with
+its immutable ``created_at``, is that record; ``TaskStore.events`` opens the history with it.)
 
 Wake-ups: ``pg_notify`` carries queue names only (never payloads: NOTIFY is limited to 8000 bytes) and
 is delivered at commit, so a task enqueued inside a caller's transaction wakes nobody before it exists.
@@ -18,7 +19,7 @@ WAKEUP_CHANNEL = "conveyor_wakeup"
 # already used, a unique key held) come back with inserted = false and are resolved by the caller.
 ENQUEUE = f"""
 WITH input AS (
-    SELECT i.*, nextval(pg_get_serial_sequence('conveyor_tasks', 'id')) AS id,
+    SELECT i.*, nextval('conveyor_tasks_id_seq') AS id,
            COALESCE(i.eta, now() + make_interval(secs => COALESCE(i.delay_s, 0))) AS resolved_run_at
     FROM unnest(
         %(names)s::text[], %(queues)s::text[], %(priorities)s::smallint[], %(args)s::text[]::jsonb[],
@@ -39,10 +40,6 @@ inserted AS (
     ORDER BY ord
     ON CONFLICT DO NOTHING
     RETURNING id, queue, state
-),
-events AS (
-    INSERT INTO conveyor_task_events (task_id, kind, attempt)
-    SELECT id, 'enqueued', 0 FROM inserted
 ),
 woken AS (
     SELECT pg_notify('{WAKEUP_CHANNEL}', queue) FROM (SELECT DISTINCT queue FROM inserted WHERE state = 'queued') q

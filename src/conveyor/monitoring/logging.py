@@ -32,19 +32,32 @@ _MASK = "***"
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def _mask(text: str) -> str:
-    return _URL_PASSWORD.sub(lambda m: f"{m['prefix']}{_MASK}{m['at']}", text)
+def _mask(value: Any) -> Any:
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(lambda m: f"{m['prefix']}{_MASK}{m['at']}", value)
+    if isinstance(value, dict):
+        return {key: _mask(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_mask(item) for item in value]
+    return value
 
 
 def redact_secrets(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
-    """A structlog processor masking passwords in URLs in every string value of the event."""
+    """A structlog processor masking URL passwords in every string of the event, nested ones included."""
     for key, value in event_dict.items():
-        if isinstance(value, str):
-            event_dict[key] = _mask(value)
+        event_dict[key] = _mask(value)
     return event_dict
 
 
-class _HandlerMarker(logging.StreamHandler[TextIO]):
+def _drop_formatter_leftovers(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    # Another handler's Formatter, run on the same record before ours, stores these on it; ExtraAdder would
+    # take them for `extra=` values and repeat the message. The stdlib forbids them as real extras.
+    event_dict.pop("message", None)
+    event_dict.pop("asctime", None)
+    return event_dict
+
+
+class _ConveyorHandler(logging.StreamHandler[TextIO]):
     """Our root handler, recognisable so a second ``configure_logging`` replaces it instead of doubling."""
 
 
@@ -66,30 +79,40 @@ def configure_logging(level: str = "info", fmt: LogFormatName = "console", *, st
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
-        structlog.stdlib.ExtraAdder(),
         structlog.processors.TimeStamper(fmt="iso", utc=fmt == "json"),
     ]
     renderer: Processor
     if fmt == "json":
-        final: list[Processor] = [structlog.processors.dict_tracebacks]
+        # Never the frames' local variables: they hold task arguments and, sooner or later, a password.
+        tracebacks: Processor = structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        )
         renderer = structlog.processors.JSONRenderer()
     else:
-        final = []
+        # Plain text, rendered before redaction so that it is redacted too; rich's boxes survive neither
+        # grep nor copy and paste.
+        tracebacks = structlog.processors.format_exc_info
         renderer = structlog.dev.ConsoleRenderer(colors=_is_tty(output))
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*shared, structlog.stdlib.PositionalArgumentsFormatter()],
+        foreign_pre_chain=[
+            *shared,
+            structlog.stdlib.PositionalArgumentsFormatter(),
+            # `log.info(..., extra={"task_id": ...})` becomes keys, like structlog's own key/values.
+            structlog.stdlib.ExtraAdder(),
+            _drop_formatter_leftovers,
+        ],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            *final,
+            tracebacks,
             redact_secrets,
             renderer,
         ],
     )
-    handler = _HandlerMarker(output)
+    handler = _ConveyorHandler(output)
     handler.setFormatter(formatter)
 
     root = logging.getLogger()
-    for old in [h for h in root.handlers if isinstance(h, _HandlerMarker)]:
+    for old in [h for h in root.handlers if isinstance(h, _ConveyorHandler)]:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(numeric)

@@ -67,6 +67,7 @@ class Worker:
         self.stopping = False
         self.paused = False
         self.executed = 0
+        self.failure: BaseException | None = None
         self._wakeup = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._stop = asyncio.Event()
@@ -141,6 +142,7 @@ class Worker:
             for finished in done:
                 if finished is not main and not finished.cancelled() and finished.exception() is not None:
                     log.error("worker side loop %s died: %r; stopping", finished.get_name(), finished.exception())
+                    self.failure = finished.exception()
                     self.request_stop(abort=True)
             if main not in done:
                 await main
@@ -148,6 +150,9 @@ class Worker:
                 main.result()
         finally:
             await self._shutdown(side, pool)
+        if self.failure is not None:
+            # Exit non-zero so a supervisor restarts this worker instead of taking it as finished.
+            raise RuntimeError("a worker side loop died") from self.failure
 
     async def _start_process_pool(self) -> ProcessPool | None:
         if not any(d.executor == "process" for d in self.app.registry):
@@ -165,22 +170,30 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         poll_s = self.settings.poll_interval_s
+        # With a backlog, claiming each time one slot frees would cost a round trip per task; refill in
+        # chunks instead. Without one (the last claim came back short), claim at once: that is latency.
+        refill = max(1, self.batch_size // 4)
+        backlog = False
         while not self.stopping:
             free = self.concurrency - len(self.executions)
-            if free <= 0 or self.paused:
+            if free <= 0 or self.paused or (backlog and free < refill):
                 self._slot_freed.clear()
                 await _wait_any(self._slot_freed, self._stop, timeout_s=poll_s)
+                if self.concurrency - len(self.executions) == free:
+                    backlog = False  # nothing finished for a whole poll interval: take what we can
                 continue
             self._wakeup.clear()
+            want = min(free, self.batch_size)
             try:
-                claimed = await self.store.claim(self.id, self.queues, min(free, self.batch_size), self.lease_s)
+                claimed = await self.store.claim(self.id, self.queues, want, self.lease_s)
             except DatabaseError as exc:
                 log.warning("claim failed (%s); retrying in %.2f s", exc, poll_s)
                 await _wait_any(self._stop, timeout_s=poll_s)
                 continue
             for task in claimed:
                 self._start(task)
-            if len(claimed) == min(free, self.batch_size):
+            backlog = len(claimed) == want
+            if backlog:
                 continue  # there may be more waiting
             if self.burst and not claimed and not self.executions:
                 due_in = await self.store.next_due_in_s(self.queues)

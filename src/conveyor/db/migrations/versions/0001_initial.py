@@ -86,8 +86,16 @@ def upgrade() -> None:
         unique=False,
         postgresql_where=sa.text("state IN ('scheduled', 'queued')"),
     )
-    op.create_index("ix_conveyor_tasks_created_at", "conveyor_tasks", ["created_at"], unique=False)
-    op.create_index("ix_conveyor_tasks_idempotency_key", "conveyor_tasks", ["idempotency_key"], unique=True)
+    op.create_index(
+        "ix_conveyor_tasks_created_at", "conveyor_tasks", ["created_at"], unique=False, postgresql_using="brin"
+    )
+    op.create_index(
+        "ix_conveyor_tasks_idempotency_key",
+        "conveyor_tasks",
+        ["idempotency_key"],
+        unique=True,
+        postgresql_where=sa.text("idempotency_key IS NOT NULL"),
+    )
     op.create_index(
         "ix_conveyor_tasks_lease",
         "conveyor_tasks",
@@ -108,7 +116,7 @@ def upgrade() -> None:
         "conveyor_tasks",
         ["unique_key"],
         unique=True,
-        postgresql_where=sa.text("state IN ('scheduled', 'queued', 'running', 'blocked')"),
+        postgresql_where=sa.text("unique_key IS NOT NULL AND state IN ('scheduled', 'queued', 'running', 'blocked')"),
     )
     op.create_table(
         "conveyor_workers",
@@ -160,7 +168,7 @@ def downgrade() -> None:
     op.drop_index(
         "ix_conveyor_tasks_unique_key",
         table_name="conveyor_tasks",
-        postgresql_where=sa.text("state IN ('scheduled', 'queued', 'running', 'blocked')"),
+        postgresql_where=sa.text("unique_key IS NOT NULL AND state IN ('scheduled', 'queued', 'running', 'blocked')"),
     )
     op.drop_index("ix_conveyor_tasks_state_queue", table_name="conveyor_tasks")
     op.drop_index("ix_conveyor_tasks_scheduled", table_name="conveyor_tasks")
