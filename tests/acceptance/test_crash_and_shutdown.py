@@ -56,14 +56,14 @@ def test_sigkill_mid_task__another_worker_finishes_it_and_it_ran_exactly_twice(
     runs = executions(database_url, handle.id)
     assert [r[0] for r in runs] == [1, 2]  # exactly twice: attempt 1 (killed) and attempt 2
     assert runs[0][1] == first.pid and runs[1][1] == second.pid
-    kinds = [r[0] for r in query(database_url, "SELECT kind FROM conveyor_task_events WHERE task_id=%s ORDER BY id",
-                                   handle.id)]
+    kinds = [
+        r[0]
+        for r in query(database_url, "SELECT kind FROM conveyor_task_events WHERE task_id=%s ORDER BY id", handle.id)
+    ]
     assert kinds == ["claimed", "rescued", "claimed", "succeeded"]  # (enqueue is the row itself)
 
 
-def test_eight_workers_drain_ten_thousand_tasks_exactly_once(
-    database_url: str, producer: App, tmp_path: Path
-) -> None:
+def test_eight_workers_drain_ten_thousand_tasks_exactly_once(database_url: str, producer: App, tmp_path: Path) -> None:
     tally_dir = tmp_path / "tally"
     tally_dir.mkdir()
     handles = producer.enqueue_many([{"name": "tally", "args": [str(tally_dir)]} for _ in range(10_000)])
@@ -74,17 +74,15 @@ def test_eight_workers_drain_ten_thousand_tasks_exactly_once(
         for w in workers:
             w.stop()
     assert codes == [0] * 8, [w.output()[-2000:] for w in workers if w.proc.returncode]
-    counts = collections.Counter(
-        int(line) for f in tally_dir.iterdir() for line in f.read_text().split()
-    )
+    counts = collections.Counter(int(line) for f in tally_dir.iterdir() for line in f.read_text().split())
     assert len(counts) == 10_000
     assert set(counts.values()) == {1}
     assert set(counts) == {h.id for h in handles}
     states = dict(query(database_url, "SELECT state, count(*) FROM conveyor_tasks GROUP BY state"))
     assert states == {"succeeded": 10_000}
-    per_worker = query(
-        database_url, "SELECT count(DISTINCT worker_id) FROM conveyor_tasks WHERE state = 'succeeded'"
-    )[0][0]
+    per_worker = query(database_url, "SELECT count(DISTINCT worker_id) FROM conveyor_tasks WHERE state = 'succeeded'")[
+        0
+    ][0]
     assert per_worker >= 2  # the work really was shared
 
 
@@ -120,11 +118,21 @@ def test_sigterm__unfinished_tasks_are_released_not_failed(database_url: str, pr
         worker.stop()
     for handle in (cooperative, stubborn):
         state, attempt = query(database_url, "SELECT state, attempt FROM conveyor_tasks WHERE id=%s", handle.id)[0]
-        kinds = [r for r in query(
-            database_url, "SELECT kind, attempt, detail FROM conveyor_task_events WHERE task_id=%s ORDER BY id", handle.id)]
+        kinds = [
+            r
+            for r in query(
+                database_url,
+                "SELECT kind, attempt, detail FROM conveyor_task_events WHERE task_id=%s ORDER BY id",
+                handle.id,
+            )
+        ]
         assert (state, attempt) == ("queued", 0), (kinds, worker.output()[-3000:])  # the attempt not counted
-        kinds = [r[0] for r in query(
-            database_url, "SELECT kind FROM conveyor_task_events WHERE task_id=%s ORDER BY id", handle.id)]
+        kinds = [
+            r[0]
+            for r in query(
+                database_url, "SELECT kind FROM conveyor_task_events WHERE task_id=%s ORDER BY id", handle.id
+            )
+        ]
         assert kinds == ["claimed", "released"]
 
 
@@ -169,3 +177,52 @@ def test_poison_pill__killing_its_worker_three_times_sends_it_to_dead(
     assert (state, losses) == ("dead", 3)
     assert "worker lost 3 times" in error["message"]  # type: ignore[index]
     assert len(executions(database_url, handle.id)) == 3
+
+
+def test_restart_with_the_same_name__does_not_hide_its_own_orphan(
+    database_url: str, producer: App, tmp_path: Path
+) -> None:
+    """procrastinate#1518: a pod restarted with the same worker id hid its stale jobs behind fresh
+    heartbeats. Here leases belong to attempts, not names: the orphan is rescued all the same."""
+    release = tmp_path / "release"
+    handle = producer.enqueue("record_then_block", [str(release)])
+    first = WorkerProcess(database_url, tmp_path, "--concurrency", "1", "--name", "pod-a")
+    try:
+        wait_until(lambda: len(executions(database_url, handle.id)) == 1, what="first execution to start")
+        first.proc.send_signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        first.stop()
+    release.touch()
+    again = WorkerProcess(database_url, tmp_path, "--concurrency", "1", "--name", "pod-a")
+    try:
+        wait_until(lambda: state_of(database_url, handle.id) == "succeeded", what="the orphan to be finished")
+    finally:
+        again.stop()
+    assert [r[0] for r in executions(database_url, handle.id)] == [1, 2]
+    names = {r[0] for r in query(database_url, "SELECT name FROM conveyor_workers")}
+    assert names == {"pod-a"}
+
+
+def test_cancel_of_a_running_process_task__kills_its_child(database_url: str, producer: App, tmp_path: Path) -> None:
+    import psutil
+
+    handle = producer.enqueue("stuck_in_c", max_attempts=1, timeout=120)
+    worker = WorkerProcess(database_url, tmp_path, "--concurrency", "1")
+    try:
+        wait_until(lambda: executions(database_url, handle.id), what="the process task to start")
+        [(_, child_pid, _)] = executions(database_url, handle.id)
+        assert psutil.pid_exists(int(child_pid))  # type: ignore[call-overload]
+        record = producer.handle(handle.id).cancel()
+        assert record.cancel_requested
+        wait_until(lambda: state_of(database_url, handle.id) == "cancelled", what="the task to be cancelled")
+
+        def child_gone() -> bool:
+            try:
+                return psutil.Process(int(child_pid)).status() == psutil.STATUS_ZOMBIE  # type: ignore[call-overload]
+            except psutil.NoSuchProcess:
+                return True
+
+        wait_until(child_gone, what="the child process to be killed")
+    finally:
+        worker.stop()
