@@ -149,7 +149,7 @@ def test_process_task_stuck_in_sleep__is_killed_at_its_timeout(
     state, error = query(database_url, "SELECT state, last_error FROM conveyor_tasks WHERE id=%s", handle.id)[0]
     assert state == "dead"
     assert error["type"] == "builtins.TimeoutError" and "0.5" in error["message"]  # type: ignore[index]
-    [(attempt, child_pid, label)] = executions(database_url, handle.id)
+    [(_, child_pid, _)] = executions(database_url, handle.id)
     assert child_pid != worker.pid  # it ran in a child process, which was killed
     import psutil
 
@@ -166,7 +166,7 @@ def test_poison_pill__killing_its_worker_three_times_sends_it_to_dead(
         worker = WorkerProcess(database_url, tmp_path, "--concurrency", "1")
         try:
             wait_until(
-                lambda: worker.proc.poll() is not None or state_of(database_url, handle.id) == "dead",
+                lambda w=worker: w.proc.poll() is not None or state_of(database_url, handle.id) == "dead",  # type: ignore[misc]
                 what="the worker to die or the task to be dead",
             )
         finally:

@@ -8,6 +8,7 @@ outside the worker, even across SIGKILLs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -27,10 +28,9 @@ _DDL = """CREATE TABLE IF NOT EXISTS test_executions (
 def _record(label: str | None = None) -> None:
     ctx = conveyor.current_task()
     with psycopg.connect(os.environ["CONVEYOR_DATABASE_URL"], autocommit=True) as conn:
-        try:
+        # Two first executions may race to create it: CREATE ... IF NOT EXISTS is not atomic.
+        with contextlib.suppress(psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
             conn.execute(_DDL)
-        except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
-            pass  # two first executions raced to create it: CREATE ... IF NOT EXISTS is not atomic
         conn.execute(
             "INSERT INTO test_executions (task_id, attempt, pid, label) VALUES (%s, %s, %s, %s)",
             (ctx.id, ctx.attempt, os.getpid(), label),

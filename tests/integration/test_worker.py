@@ -138,7 +138,7 @@ async def test_timeout__thread_task_is_told_to_stop(aapp: App) -> None:
 
     handle = await slow_thread.enqueue_async()
     async with running(Worker(aapp)):
-        with pytest.raises(TaskFailed, match="timeout of 0.2 s"):
+        with pytest.raises(TaskFailed, match=r"timeout of 0\.2 s"):
             await handle.result_async(timeout=10)
         await wait_for(saw_cancel.is_set)
 

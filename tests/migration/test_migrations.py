@@ -18,7 +18,8 @@ def test_upgrade_from_empty__matches_the_models(empty_database_url: str) -> None
     engine = create_engine(sqlalchemy_url(empty_database_url))
     try:
         with engine.connect() as conn:
-            context = MigrationContext.configure(conn, opts={"compare_type": True, "version_table": migrate.VERSION_TABLE})
+            opts = {"compare_type": True, "version_table": migrate.VERSION_TABLE}
+            context = MigrationContext.configure(conn, opts=opts)
             diff = compare_metadata(context, metadata)
             tables = set(inspect(conn).get_table_names())
     finally:
