@@ -42,40 +42,50 @@ def bulk_enqueue(n: int) -> float:
     return n / (time.perf_counter() - started)
 
 
-def run_workers(url: str, processes: int, concurrency: int, extra_env: dict[str, str] | None = None) -> None:
-    env = {**os.environ, "CONVEYOR_DATABASE_URL": url, "PYTHONPATH": str(HERE), **(extra_env or {})}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "conveyor",
-                "worker",
-                "--app",
-                "bench_app:app",
-                "--burst",
-                "--concurrency",
-                str(concurrency),
-                "--log-level",
-                "warning",
-            ],
-            env=env,
-        )
-        for _ in range(processes)
+def spawn_workers(url: str, processes: int, *, burst: bool, concurrency: int = 50) -> list[subprocess.Popen[bytes]]:
+    env = {**os.environ, "CONVEYOR_DATABASE_URL": url, "PYTHONPATH": str(HERE)}
+    command = [
+        sys.executable,
+        "-m",
+        "conveyor",
+        "worker",
+        "--app",
+        "bench_app:app",
+        "--concurrency",
+        str(concurrency),
+        "--log-level",
+        "warning",
+        *(["--burst"] if burst else []),
     ]
-    for p in procs:
-        if p.wait() != 0:
-            raise SystemExit(f"worker exited with {p.returncode}")
+    return [subprocess.Popen(command, env=env) for _ in range(processes)]
 
 
-def drain_rate(url: str, processes: int, concurrency: int = 50) -> float:
-    run_workers(url, processes, concurrency)
+def succeeded_rate(url: str) -> float:
+    """Tasks per second between the first start and the last finish, on the database clock."""
     with psycopg.connect(url) as conn:
         count, span = conn.execute(
             "SELECT count(*), EXTRACT(EPOCH FROM max(finished_at) - min(started_at)) FROM conveyor_tasks "
             "WHERE state = 'succeeded'"
         ).fetchone()  # type: ignore[misc]
     return float(count) / float(span)
+
+
+def drain_rate(url: str, processes: int) -> float:
+    for p in spawn_workers(url, processes, burst=True):
+        if p.wait() != 0:
+            raise SystemExit(f"worker exited with {p.returncode}")
+    return succeeded_rate(url)
+
+
+def timed_drain(url: str, processes: int, seconds: float) -> float:
+    """Run workers for ``seconds`` on a large backlog (no --burst: it would drain everything)."""
+    procs = spawn_workers(url, processes, burst=False)
+    time.sleep(seconds)
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait()
+    return succeeded_rate(url)
 
 
 def steady_latency(url: str, rate: int, seconds: float) -> tuple[float, float, float]:
@@ -175,40 +185,6 @@ def main() -> None:
         app.close()
         if server is not None:
             server.stop()
-
-
-def timed_drain(url: str, processes: int, seconds: float) -> float:
-    """Run workers for ``seconds`` on a large backlog (no --burst: it would drain everything)."""
-    env = {**os.environ, "CONVEYOR_DATABASE_URL": url, "PYTHONPATH": str(HERE)}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "conveyor",
-                "worker",
-                "--app",
-                "bench_app:app",
-                "--concurrency",
-                "50",
-                "--log-level",
-                "warning",
-            ],
-            env=env,
-        )
-        for _ in range(processes)
-    ]
-    time.sleep(seconds)
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        p.wait()
-    with psycopg.connect(url) as conn:
-        count, span = conn.execute(
-            "SELECT count(*), EXTRACT(EPOCH FROM max(finished_at) - min(started_at)) FROM conveyor_tasks "
-            "WHERE state = 'succeeded'"
-        ).fetchone()  # type: ignore[misc]
-    return float(count) / float(span)
 
 
 if __name__ == "__main__":

@@ -173,6 +173,11 @@ class TaskStore:
             return []
         if connection is not None:
             return await drive_async(enqueue_plan(requests), connection)
+        if len(requests) < _COPY_MIN_ROWS:
+            # The latency path: ENQUEUE is one atomic statement, so an autocommit connection runs it in
+            # a single round trip (no BEGIN, no COMMIT). The look-ups that resolve a conflict are reads.
+            async with self.hot.connection() as hot_conn:
+                return await drive_async(enqueue_plan(requests), hot_conn)
         async with self.engine.begin() as conn:
             return await self.enqueue_in(conn, requests)
 
