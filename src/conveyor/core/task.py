@@ -66,9 +66,7 @@ class TaskDefinition:
     func: Callable[..., Any]
     options: TaskOptions
 
-    @property
-    def is_async(self) -> bool:
-        return inspect.iscoroutinefunction(self.func)
+    is_async: bool = field(init=False, repr=False, compare=False)
 
     @property
     def executor(self) -> ExecutorKind:
@@ -77,6 +75,8 @@ class TaskDefinition:
         return "async" if self.is_async else "thread"
 
     def __post_init__(self) -> None:
+        # Computed once: the worker asks for every attempt, and inspect's check is not free.
+        object.__setattr__(self, "is_async", inspect.iscoroutinefunction(self.func))
         check_task_name(self.name)
         if self.options.executor == "async" and not self.is_async:
             raise ValueError(f"task {self.name!r}: executor='async' needs an `async def` function")

@@ -97,6 +97,8 @@ class Executor:
         token = set_current_task(execution.context)
         try:
             if definition.is_async:
+                if timeout_s is None:
+                    return await definition.func(*claimed.args, **claimed.kwargs)
                 async with asyncio.timeout(timeout_s):
                     return await definition.func(*claimed.args, **claimed.kwargs)
             call = functools.partial(contextvars.copy_context().run, definition.func, *claimed.args, **claimed.kwargs)
@@ -162,7 +164,9 @@ class Executor:
 
     def _success(self, claimed: ClaimedTask, value: Any) -> Outcome:
         try:
-            result_json = encode(value, what="result", limit_bytes=self.payload_limit_bytes)
+            result_json = (
+                "null" if value is None else encode(value, what="result", limit_bytes=self.payload_limit_bytes)
+            )
         except PayloadError as exc:
             error = ErrorInfo.synthetic("conveyor.errors.PayloadError", str(exc), retryable=False)
             return self._failure(claimed, error, None)

@@ -8,6 +8,7 @@ dies anyway the supervisor in :meth:`Worker.run` stops the worker rather than ru
 from __future__ import annotations
 
 import asyncio
+import functools
 import contextlib
 import logging
 import os
@@ -24,6 +25,7 @@ from conveyor.core.context import TaskContext
 from conveyor.core.records import ClaimedTask
 from conveyor.errors import DatabaseError
 from conveyor.worker.acks import AckBuffer
+from conveyor.worker.debug import answer_debug_requests
 from conveyor.worker.executor import Execution, Executor
 from conveyor.worker.listener import Listener
 from conveyor.worker.process_pool import ProcessPool
@@ -224,19 +226,25 @@ class Worker:
 
     async def _execute(self, execution: Execution) -> None:
         claimed = execution.claimed
+        submitted = False
         try:
             outcome = await self.executor.run(execution)
             if outcome is not None:
-                await self.acks.submit(outcome)
+                # The slot frees now; the lease stays held (and renewed) until the outcome is written.
+                self.acks.submit(outcome).add_done_callback(functools.partial(self._acked, claimed.id))
+                submitted = True
         except Exception:
             log.exception("internal error running task %s[%s]; its lease will expire", claimed.name, claimed.id)
         finally:
             self.executed += 1
             self.executions.pop(claimed.id, None)
-            if execution.cancel_reason != "shutdown":
+            if not submitted and execution.cancel_reason != "shutdown":
                 self.leases.pop(claimed.id, None)
             self._slot_freed.set()
             self._wakeup.set()
+
+    def _acked(self, task_id: int, _: asyncio.Future[bool]) -> None:
+        self.leases.pop(task_id, None)
 
     # -- leases ----------------------------------------------------------------------------------
 
@@ -247,7 +255,8 @@ class Worker:
             await self.heartbeat()
 
     async def heartbeat(self) -> None:
-        held = {task_id: lease.token for task_id, lease in self.leases.items() if task_id in self.executions}
+        # Leases of finished attempts whose outcome is still being written are renewed too.
+        held = {task_id: lease.token for task_id, lease in self.leases.items()}
         sent_at = time.monotonic()
         try:
             # A stalled database must not stall the lease check: give up well before leases run out.
@@ -272,6 +281,8 @@ class Worker:
         if renewal.drain_requested and not self.stopping:
             log.info("worker %s asked to drain: stopping after in-flight tasks", self.name)
             self.request_stop()
+        # Stack dumps the API asked for (conveyor.worker.debug): bounded in time, never raises.
+        await answer_debug_requests(self.store.hot, self.id, timeout_s=min(0.5, self.lease_s / 4))
 
     def _expire_overdue_leases(self) -> None:
         """Stop executions whose lease we could not renew in time: someone else may own them now."""
