@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -171,6 +172,12 @@ class Timing:
         return f"cron '{self.cron}' ({self.timezone})"
 
 
+# Parsing proves an expression fires by walking croniter once, and the scheduler rebuilds every due
+# schedule's Timing from its row on every tick: the cache keeps that off the hot path. Bounded, since
+# the API lets anyone with the scope send new expressions.
+_CRON_CACHE: dict[str, CronExpression] = {}
+
+
 def _parse_cron(text: str) -> CronExpression:
     cached = _CRON_CACHE.get(text)
     if cached is None:
@@ -180,13 +187,11 @@ def _parse_cron(text: str) -> CronExpression:
     return cached
 
 
-_CRON_CACHE: dict[str, CronExpression] = {}
-
-
 def interval_from(value: float | timedelta) -> int:
     """Whole seconds from ``interval=`` as users write it (``30``, ``timedelta(minutes=5)``)."""
     seconds = value.total_seconds() if isinstance(value, timedelta) else value
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds != int(seconds):
+    whole = isinstance(seconds, int | float) and not isinstance(seconds, bool) and math.isfinite(seconds)
+    if not whole or seconds != int(seconds):
         raise ValueError(f"interval must be a whole number of seconds, at least 1 (got {value!r})")
     return int(seconds)
 

@@ -53,6 +53,7 @@ class ScheduleRun:
     task_id: int | None  # None once the task was deleted
     enqueued_at: datetime
     kind: Literal["schedule", "manual"]
+    fencing_token: int | None  # the leader term that enqueued a tick; None for a manual run
     task_state: str | None = None
 
 

@@ -1,0 +1,66 @@
+"""``conveyor schedules ...`` as users run it: real processes against a real database."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from tests.acceptance.workers import query
+from tests.conftest import PYTHON, subprocess_env
+
+
+def conveyor(database_url: str, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PYTHON, "-m", "conveyor", *args],
+        env=subprocess_env(database_url),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("conveyor: error: "), result.stderr
+    return lines[0]
+
+
+def test_schedules__add_list_pause_resume_trigger(database_url: str, tmp_path: Path) -> None:
+    added = conveyor(
+        database_url,
+        tmp_path,
+        *("schedules", "add", "--name", "nightly", "--task", "add", "--cron", "0 30 2 * * *"),
+        *("--timezone", "Europe/Berlin", "--args", "[1, 2]", "--misfire", "skip", "--json"),
+    )
+    assert added.returncode == 0, added.stderr
+    schedule = json.loads(added.stdout)
+    assert schedule["name"] == "nightly" and schedule["cron"] == "0 30 2 * * *" and schedule["source"] == "api"
+    assert schedule["args"] == [1, 2] and schedule["misfire"] == "skip" and schedule["enabled"]
+
+    paused = conveyor(database_url, tmp_path, "schedules", "pause", "nightly")
+    assert paused.returncode == 0 and "paused" in paused.stdout
+    listed = conveyor(database_url, tmp_path, "schedules", "list", "--json")
+    assert [(s["name"], s["enabled"], s["disabled_reason"]) for s in json.loads(listed.stdout)] == [
+        ("nightly", False, "paused")
+    ]
+    resumed = conveyor(database_url, tmp_path, "schedules", "resume", str(schedule["id"]))
+    assert resumed.returncode == 0 and "resumed" in resumed.stdout
+
+    triggered = conveyor(database_url, tmp_path, "schedules", "trigger", "nightly")
+    assert triggered.returncode == 0, triggered.stderr
+    task_id = int(triggered.stdout.strip())
+    assert query(database_url, "SELECT name, args FROM conveyor_tasks WHERE id = %s", task_id) == [("add", [1, 2])]
+    assert query(database_url, "SELECT kind, task_id FROM conveyor_schedule_runs") == [("manual", task_id)]
+
+
+def test_schedules__bad_input_is_one_line_and_exit_2(database_url: str, tmp_path: Path) -> None:
+    bad_cron = conveyor(
+        database_url, tmp_path, "schedules", "add", "--name", "x", "--task", "add", "--cron", "61 * * * *"
+    )
+    assert "invalid cron" in one_line_error(bad_cron)
+    missing = conveyor(database_url, tmp_path, "schedules", "trigger", "nope")
+    assert "schedule 'nope' does not exist" in one_line_error(missing)
+    assert query(database_url, "SELECT count(*) FROM conveyor_schedules") == [(0,)]
