@@ -109,7 +109,8 @@ class Outcome:
 
 @dataclass(frozen=True)
 class LeaseRenewal:
-    renewed: frozenset[int]  # ids whose lease was extended
+    held: frozenset[int]  # ids this worker still owns (renewed or not)
+    renewed: frozenset[int]  # of those, the ones whose lease was extended (locked rows wait a round)
     cancel_requested: frozenset[int]  # of those, the ones an operator asked to cancel
     worker_paused: bool = False
     drain_requested: bool = False

@@ -90,14 +90,28 @@ SELECT * FROM claimed ORDER BY priority DESC, id
 """
 
 # Extend the leases a worker still holds and record its heartbeat, in one statement. A lease that is
-# not returned was lost (rescued or finished elsewhere): the worker must stop that execution.
+# no longer ours (rescued, or finished elsewhere) comes back as not `held`: the worker must stop that
+# execution. Rows another transaction has locked right now (this worker's own FINISH batch, an
+# operator's cancel) are skipped rather than waited for: waiting is how a heartbeat and an ack batch
+# locking the same rows in different orders deadlock. They are still reported as held (a plain read
+# of the committed row), so nobody is stopped for it, and the next heartbeat renews them.
 RENEW = """
 WITH held AS (
     SELECT * FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS h(id, token)
 ),
+ours AS (
+    SELECT t.id FROM conveyor_tasks t JOIN held ON t.id = held.id AND t.lease_token = held.token
+    WHERE t.state = 'running'
+),
+lockable AS (
+    SELECT t.id FROM conveyor_tasks t JOIN held ON t.id = held.id AND t.lease_token = held.token
+    WHERE t.state = 'running'
+    ORDER BY t.id
+    FOR UPDATE OF t SKIP LOCKED
+),
 renewed AS (
     UPDATE conveyor_tasks t SET lease_expires_at = now() + make_interval(secs => %(lease_s)s)
-    FROM held WHERE t.id = held.id AND t.lease_token = held.token AND t.state = 'running'
+    FROM lockable WHERE t.id = lockable.id
     RETURNING t.id, t.cancel_requested
 ),
 beat AS (
@@ -105,9 +119,11 @@ beat AS (
     WHERE id = %(worker_id)s::uuid
     RETURNING paused, drain_requested
 )
-SELECT 'task' AS kind, id, cancel_requested, NULL::bool AS paused, NULL::bool AS drain FROM renewed
+SELECT 'task' AS kind, ours.id, renewed.id IS NOT NULL AS renewed, renewed.cancel_requested,
+       NULL::bool AS paused, NULL::bool AS drain
+FROM ours LEFT JOIN renewed ON renewed.id = ours.id
 UNION ALL
-SELECT 'worker', NULL, NULL, paused, drain_requested FROM beat
+SELECT 'worker', NULL, NULL, NULL, paused, drain_requested FROM beat
 """
 
 # Record how attempts ended, many at once. The guard (same token, still running) is the fence: a

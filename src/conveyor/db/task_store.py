@@ -231,10 +231,12 @@ class TaskStore:
             "worker_state": worker_state,
         }
         rows = await self.hot.fetch(task_sql.RENEW, params)
-        renewed = {int(r["id"]) for r in rows if r["kind"] == "task"}
+        held_now = {int(r["id"]) for r in rows if r["kind"] == "task"}
+        renewed = {int(r["id"]) for r in rows if r["kind"] == "task" and r["renewed"]}
         cancel = {int(r["id"]) for r in rows if r["kind"] == "task" and r["cancel_requested"]}
         worker_rows = [r for r in rows if r["kind"] == "worker"]
         return LeaseRenewal(
+            held=frozenset(held_now),
             renewed=frozenset(renewed),
             cancel_requested=frozenset(cancel),
             worker_paused=bool(worker_rows and worker_rows[0]["paused"]),

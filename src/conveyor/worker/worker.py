@@ -8,8 +8,8 @@ dies anyway the supervisor in :meth:`Worker.run` stops the worker rather than ru
 from __future__ import annotations
 
 import asyncio
-import functools
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -197,7 +197,8 @@ class Worker:
             backlog = len(claimed) == want
             if backlog:
                 continue  # there may be more waiting
-            if self.burst and not claimed and not self.executions:
+            if self.burst and not claimed and not self.executions and not self.leases:
+                # (`leases` also holds outcomes still being written: one may release workflow steps.)
                 due_in = await self.store.next_due_in_s(self.queues)
                 if due_in is None or due_in > poll_s:
                     log.info("burst worker %s: queues drained, exiting", self.name)
@@ -245,6 +246,7 @@ class Worker:
 
     def _acked(self, task_id: int, _: asyncio.Future[bool]) -> None:
         self.leases.pop(task_id, None)
+        self._wakeup.set()  # a written outcome may have released workflow steps
 
     # -- leases ----------------------------------------------------------------------------------
 
@@ -273,7 +275,7 @@ class Worker:
                 lease = self.leases.get(task_id)
                 if lease is not None:
                     lease.renewed_at = sent_at
-            else:
+            elif task_id not in renewal.held:
                 self._cancel(task_id, "lease_lost")
         for task_id in renewal.cancel_requested:
             self._cancel(task_id, "cancel_requested")
