@@ -18,12 +18,23 @@ from conveyor.errors import (
     UnknownTask,
 )
 from conveyor.handles import Signature, Task, TaskHandle
+from conveyor.workflows import (
+    InvalidWorkflow,
+    WorkflowCancelled,
+    WorkflowFailed,
+    WorkflowHandle,
+    WorkflowState,
+    chain,
+    chord,
+    group,
+)
 
 __all__ = [
     "App",
     "ConveyorError",
     "IdempotencyConflict",
     "InvalidTransition",
+    "InvalidWorkflow",
     "NonRetryable",
     "PayloadError",
     "ResultTimeout",
@@ -38,6 +49,13 @@ __all__ = [
     "TaskNotFound",
     "TaskState",
     "UnknownTask",
+    "WorkflowCancelled",
+    "WorkflowFailed",
+    "WorkflowHandle",
+    "WorkflowState",
+    "chain",
+    "chord",
     "current_task",
+    "group",
     "load_app",
 ]

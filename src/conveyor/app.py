@@ -32,15 +32,19 @@ from conveyor.core.task import (
     default_task_name,
     delay_seconds,
 )
+from conveyor.core.workflow import Canvas, Dag, FailurePolicy, WorkflowSpec, compile_canvas
+from conveyor.core.workflow_records import InvalidWorkflow
 from conveyor.db import migrate
 from conveyor.db.engine import create_engine
 from conveyor.db.executors import AsyncConnectionLike, SyncConnectionLike, drive_sync
 from conveyor.db.hot_pool import HotPool
 from conveyor.db.task_store import TaskStore, enqueue_plan
 from conveyor.db.worker_store import WorkerStore
-from conveyor.errors import ConfigError, DatabaseError, UnknownTask
+from conveyor.db.workflow_store import WorkflowStore
+from conveyor.errors import ConfigError, DatabaseError, PayloadError, UnknownTask
 from conveyor.handles import P, R, Signature, Task, TaskHandle, make_options
 from conveyor.sync_bridge import LoopThread
+from conveyor.workflows import Workflow, WorkflowHandle
 
 T = TypeVar("T")
 log = logging.getLogger("conveyor.app")
@@ -336,6 +340,10 @@ class App:
     ) -> list[TaskHandle]:
         handles: list[TaskHandle] = []
         store = self.store()
+        if connection is None and len(requests) <= BULK_BATCH:
+            # One batch is one transaction anyway; the store picks the fastest path for its size.
+            results = await store.enqueue(requests)
+            return [TaskHandle(self, r.id, created=r.created, state=r.state) for r in results]
         if connection is not None:
             for start in range(0, len(requests), BULK_BATCH):
                 results = await store.enqueue(requests[start : start + BULK_BATCH], connection)
@@ -399,6 +407,58 @@ class App:
     def handle(self, task_id: int) -> TaskHandle:
         return TaskHandle(self, task_id)
 
+    # -- workflows -------------------------------------------------------------------------------
+    # Chains, groups and chords (conveyor.workflows) and DAGs (app.workflow()): stored in the database
+    # and advanced there, in the transaction that finishes each step (conveyor.db.workflow_store).
+
+    def workflow(self, name: str = "workflow", *, on_failure: FailurePolicy = "stop") -> Workflow:
+        """A new DAG: ``.add(task.s(...), name=..., depends_on=[...], pass_results=True)`` each step, then
+        ``.enqueue()``. ``on_failure="stop"``: a failed step cancels its dependents and stops the rest of
+        the workflow; ``"continue"``: only the dependents that need the failed step's result are cancelled."""
+        return Workflow(self, name, on_failure)
+
+    def submit_workflow(
+        self, workflow: Canvas | Dag | WorkflowSpec, *, name: str | None = None, on_failure: FailurePolicy = "stop"
+    ) -> WorkflowHandle:
+        return self.run_sync(self.submit_workflow_async(workflow, name=name, on_failure=on_failure))
+
+    async def submit_workflow_async(
+        self, workflow: Canvas | Dag | WorkflowSpec, *, name: str | None = None, on_failure: FailurePolicy = "stop"
+    ) -> WorkflowHandle:
+        """Store a workflow and start it: all of it, or nothing. ``name`` and ``on_failure`` apply to a
+        chain, group or chord (a DAG carries its own). Raises :class:`InvalidWorkflow` naming the step
+        for a bad graph, an unknown task, or arguments that cannot be stored."""
+        if isinstance(workflow, Dag):
+            spec = workflow.build()
+        elif isinstance(workflow, WorkflowSpec):
+            spec = workflow
+        else:
+            spec = compile_canvas(workflow, name=name, on_failure=on_failure)
+        submitted = await self.workflow_store().submit(spec, self.workflow_requests(spec))
+        return WorkflowHandle(self, submitted.id, submitted.step_ids)
+
+    def workflow_requests(self, spec: WorkflowSpec) -> list[EnqueueRequest]:
+        """Each step validated and encoded as any enqueue is (see :meth:`build_request`)."""
+        requests = []
+        for step in spec.steps:
+            try:
+                requests.append(self.build_request(Signature(step.task, step.args, step.kwargs, step.options)))
+            except UnknownTask as exc:
+                raise InvalidWorkflow(f"step {step.name!r}: {exc}", step=step.name, field="task") from exc
+            except PayloadError as exc:
+                raise InvalidWorkflow(f"step {step.name!r}: {exc}", step=step.name, field="args") from exc
+            except ValueError as exc:
+                raise InvalidWorkflow(f"step {step.name!r}: {exc}", step=step.name, field="task") from exc
+        return requests
+
+    def workflow_handle(self, workflow_id: int) -> WorkflowHandle:
+        return WorkflowHandle(self, workflow_id)
+
+    def workflow_store(self) -> WorkflowStore:
+        """The workflow repository of the running event loop."""
+        runtime = self.runtime()
+        return WorkflowStore(runtime.engine, runtime.tasks)
+
     # -- plumbing --------------------------------------------------------------------------------
 
     @property
@@ -430,7 +490,8 @@ class App:
         runtime = self._runtimes.get(loop)
         if runtime is None:
             engine = create_engine(self.database_url, pool_size=self.settings.worker.concurrency + 5)
-            hot = HotPool(self.database_url)
+            # Heartbeats, claims and acks must never queue behind tasks that enqueue: room for both.
+            hot = HotPool(self.database_url, max_size=self.settings.worker.concurrency + 4)
             runtime = _Runtime(engine, hot, TaskStore(engine, hot), WorkerStore(engine))
             self._runtimes[loop] = runtime
         return runtime

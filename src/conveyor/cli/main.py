@@ -16,9 +16,11 @@ import sqlalchemy.exc
 import typer
 from typer.exceptions import TyperException
 
+from conveyor.cli.api import api, api_keys
 from conveyor.cli.common import BadInput
 from conveyor.cli.db import db
 from conveyor.cli.enqueue import enqueue
+from conveyor.cli.scheduler import scheduler, schedules
 from conveyor.cli.tasks import tasks
 from conveyor.cli.up import up
 from conveyor.cli.worker import worker
@@ -40,6 +42,10 @@ app.command(help=up.__doc__)(up)
 app.command(help=enqueue.__doc__)(enqueue)
 app.add_typer(tasks, name="tasks")
 app.add_typer(db, name="db")
+app.command(help=scheduler.__doc__)(scheduler)
+app.add_typer(schedules, name="schedules")
+app.command(help=api.__doc__)(api)
+app.add_typer(api_keys, name="api-keys")
 
 
 @app.callback(invoke_without_command=True)

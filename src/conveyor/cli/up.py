@@ -2,8 +2,8 @@
 
 The database (the embedded PostgreSQL unless a ``database_url`` is configured) is started and
 migrated, then the services run side by side on one event loop until SIGTERM/SIGINT stops them all.
-Today that is the worker; the API server and the scheduler join :func:`_services` as further
-:class:`Service` values without touching the rest.
+They are the worker, the scheduler and the HTTP API; on the first start (no admin API key exists yet)
+an admin key is made and printed once.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Annotated, Protocol
 import typer
 
 from conveyor.app import App
+from conveyor.cli.api import ApiServer, HostOption, PortOption, first_admin_key
 from conveyor.cli.common import (
     AppOption,
     ConfigOption,
@@ -31,6 +32,7 @@ from conveyor.cli.common import (
 from conveyor.config import Settings
 from conveyor.db import migrate
 from conveyor.db.urls import redact
+from conveyor.scheduler import Scheduler
 from conveyor.worker.worker import Worker
 
 log = logging.getLogger("conveyor.cli.up")
@@ -61,6 +63,18 @@ class WorkerService:
         self.worker.request_stop()
 
 
+@dataclass
+class SchedulerService:
+    scheduler: Scheduler
+    name: str = "scheduler"
+
+    async def run(self) -> None:
+        await self.scheduler.run()
+
+    def stop(self) -> None:
+        self.scheduler.request_stop()
+
+
 def up(
     app_ref: AppOption = None,
     database_url: DatabaseUrlOption = None,
@@ -68,12 +82,15 @@ def up(
         str | None, typer.Option("--log-level", help="debug, info, warning or error.", show_default=False)
     ] = None,
     log_format: Annotated[str | None, typer.Option("--log-format", help="console or json.", show_default=False)] = None,
+    host: HostOption = None,
+    port: PortOption = None,
     config: ConfigOption = None,
 ) -> None:
-    """Start the database (embedded unless one is configured), migrate it and run a worker, until SIGTERM."""
+    """Start the database (embedded unless one is configured), migrate it and run a worker, the scheduler and
+    the HTTP API, until SIGTERM."""
     signals = EarlySignals().install()
     overrides = {"worker.app": app_ref, "database_url": database_url, "log_level": log_level, "log_format": log_format}
-    settings = load(config, overrides)
+    settings = load(config, {**overrides, "api.host": host, "api.port": port})
     reference = settings.worker.app
     if reference is not None:
         app = import_app(reference, settings)
@@ -85,6 +102,7 @@ def up(
         migrate.upgrade(url)
         typer.echo(f"database: {redact(url)}")
         services = _services(app, settings, reference)
+        _announce_api(app, services)
         asyncio.run(_run_services(app, services, signals))
         signals.service_done()
     busy_threads = sum(s.worker.executor.busy_threads for s in services if isinstance(s, WorkerService))
@@ -93,7 +111,21 @@ def up(
 
 
 def _services(app: App, settings: Settings, reference: str | None) -> list[Service]:
-    return [WorkerService(Worker(app, app_ref=reference))]
+    services: list[Service] = [WorkerService(Worker(app, app_ref=reference))]
+    if settings.scheduler.enabled:
+        # Code schedules are synchronised only from a loaded app: an empty one would disable them all.
+        services.append(SchedulerService(Scheduler(app, sync=reference is not None)))
+    services.append(ApiServer(app, settings.api.host, settings.api.port))
+    return services
+
+
+def _announce_api(app: App, services: Sequence[Service]) -> None:
+    for service in services:
+        if isinstance(service, ApiServer):
+            typer.echo(f"api: {service.url} (docs: {service.url}/docs)")
+    key = app.run_sync(first_admin_key(app))
+    if key is not None:
+        typer.echo(f"admin API key (shown this once, keep it): {key}")
 
 
 async def _run_services(app: App, services: Sequence[Service], signals: EarlySignals) -> None:

@@ -30,7 +30,7 @@ class HotPool:
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
             libpq_conninfo(database_url),
             min_size=1,
-            max_size=max_size,
+            max_size=max(2, max_size),
             open=False,
             configure=_configure,
             kwargs={"application_name": application_name, "connect_timeout": 10},

@@ -70,6 +70,8 @@ tasks = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("started_at", DateTime(timezone=True), nullable=True),
     Column("finished_at", DateTime(timezone=True), nullable=True),
+    # The workflow this task is a step of (see models_workflows; no foreign key on purpose).
+    Column("workflow_id", BigInteger, nullable=True),
     CheckConstraint(f"state IN ({_STATES})", name="state_known"),
     CheckConstraint("attempt >= 0 AND max_attempts >= 1 AND worker_losses >= 0", name="counters_valid"),
     CheckConstraint("state <> 'running' OR lease_token IS NOT NULL", name="running_has_lease"),
@@ -105,6 +107,8 @@ tasks = Table(
     # tiny fraction of a B-tree's cost on every insert.
     Index("ix_conveyor_tasks_created_at", "created_at", postgresql_using="brin"),
     Index("ix_conveyor_tasks_state_queue", "state", "queue"),
+    # Partial: only workflow steps enter it, so plain tasks pay nothing for it.
+    Index("ix_conveyor_tasks_workflow_id", "workflow_id", postgresql_where=text("workflow_id IS NOT NULL")),
 )
 
 task_events = Table(
@@ -156,4 +160,4 @@ queues = Table(
 
 # Tables owned by other subsystems live in their own modules on the same metadata; importing them here
 # registers them, so `metadata` (and the migration drift test) always sees the whole schema.
-from conveyor.db import models_auth, models_schedules  # noqa: E402, F401
+from conveyor.db import models_admin, models_analytics, models_auth, models_debug, models_schedules, models_workflows  # noqa: E402, F401  # noqa: E402, F401

@@ -360,9 +360,17 @@ class Worker:
             await self.acks.flush()
         except DatabaseError as exc:
             log.warning("could not flush outcomes (%s); those tasks will be rescued", exc)
-        for task in side:
-            task.cancel()
-        await asyncio.gather(*side, return_exceptions=True)
+        # A cancellation can be lost inside a library's own wait_for (Python 3.11); never let that
+        # hang the exit: cancel again for a bounded time, then leave whatever still runs behind.
+        for _ in range(10):
+            pending_side = [task for task in side if not task.done()]
+            if not pending_side:
+                break
+            for task in pending_side:
+                task.cancel()
+            await asyncio.wait(pending_side, timeout=0.5)
+        else:
+            log.warning("side loops %s did not stop; exiting anyway", [t.get_name() for t in side if not t.done()])
         if pool is not None:
             await pool.close()
         self.executor.close()

@@ -1,0 +1,160 @@
+"""Pure ASGI middleware around the whole API: metrics, authentication, the request body limit.
+
+Order, outermost first: metrics (so refusals are counted too) -> authentication (so an anonymous
+client never gets as far as sending us a body) -> body limit -> the application.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from conveyor.api.auth import Authenticator, AuthError
+from conveyor.api.deps import route_path
+from conveyor.api.errors import problem_response
+from conveyor.app import App
+from conveyor.db.api_key_store import ApiKeyStore
+from conveyor.errors import DatabaseError
+from conveyor.monitoring.metrics import ApiMetrics
+
+log = logging.getLogger("conveyor.api")
+
+
+class MetricsMiddleware:
+    def __init__(self, app: ASGIApp, *, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            # The router records the matched route in the scope. Its name (the endpoint function's, which
+            # is also its OpenAPI operationId) is unique and bounded; its path may lack the prefixes of
+            # the routers it was included in.
+            route = getattr(scope.get("route"), "name", None) or "unmatched"
+            self.metrics.observe(scope["method"], route, status, time.perf_counter() - started)
+
+
+class AuthMiddleware:
+    """Every request needs a valid API key, except those for ``public_paths`` (see ``api.deps``)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        conveyor_app: App,
+        authenticator: Authenticator,
+        public_paths: frozenset[str],
+    ) -> None:
+        self.app = app
+        self.conveyor_app = conveyor_app
+        self.authenticator = authenticator
+        self.public_paths = public_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or route_path(scope) in self.public_paths:
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        address = client[0] if client else "unknown"
+        authorization = Headers(scope=scope).get("authorization")
+        try:
+            store = ApiKeyStore(self.conveyor_app.runtime().engine)
+            caller = await self.authenticator.authenticate(store, authorization, address)
+        except AuthError as exc:
+            kind = "rate-limited" if exc.status == 429 else "unauthorized"
+            await self._refuse(scope, receive, send, exc.status, exc.detail, kind, exc.headers)
+            return
+        except DatabaseError as exc:
+            log.warning("cannot check API keys: %s", exc)
+            headers = {"Retry-After": "5"}
+            detail = "the database is unavailable; try again shortly"
+            await self._refuse(scope, receive, send, 503, detail, "database-unavailable", headers)
+            return
+        scope.setdefault("state", {})["principal"] = caller
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _refuse(
+        scope: Scope, receive: Receive, send: Send, status: int, detail: str, kind: str, headers: dict[str, str]
+    ) -> None:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": detail[:120]})
+            return
+        response = problem_response(status, detail, kind=kind, headers=headers)
+        await response(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``max_body_bytes`` with 413, before reading them whole.
+
+    A declared ``Content-Length`` over the limit is refused before a byte of body is read; a body
+    without one (chunked) is counted as it arrives and refused as soon as it passes the limit.
+    Accepted bodies are handed on unchanged.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                await self._refuse(scope, receive, send, 400, "Content-Length must be a whole number of bytes")
+                return
+            if int(declared) > self.max_body_bytes:
+                await self._refuse(scope, receive, send, 413, self._too_large())
+                return
+        buffered: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            buffered.append(message)
+            if message["type"] != "http.request":
+                break  # the client went away; let the app see that
+            size += len(message.get("body", b""))
+            if size > self.max_body_bytes:
+                await self._refuse(scope, receive, send, 413, self._too_large())
+                return
+            if not message.get("more_body", False):
+                break
+        await self.app(scope, _replay(buffered, receive), send)
+
+    def _too_large(self) -> str:
+        return f"the request body is over the limit of {self.max_body_bytes} bytes"
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, detail: str) -> None:
+        kind = "payload-too-large" if status == 413 else "bad-request"
+        # Close the connection: the rest of the body is still on its way and will not be read.
+        response = problem_response(status, detail, kind=kind, headers={"Connection": "close"})
+        await response(scope, receive, send)
+
+
+def _replay(buffered: list[Message], receive: Receive) -> Receive:
+    async def replayed() -> Message:
+        if buffered:
+            return buffered.pop(0)
+        return await receive()
+
+    return replayed
