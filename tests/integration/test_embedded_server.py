@@ -6,6 +6,7 @@ runs as the unprivileged ``conveyor-pg`` account, which these tests check too.
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import shutil
@@ -213,8 +214,15 @@ def test_start__moves_to_a_new_port_when_the_recorded_one_is_taken(workdir: Path
         old_port = _port(server.url)
 
     with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", old_port))
-        squatter.listen()
+        # SO_REUSEADDR: the stopped server's port may linger in TIME_WAIT. If something else (another
+        # test worker) took the port meanwhile, it is taken all the same, which is what this test needs.
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            squatter.bind(("127.0.0.1", old_port))
+            squatter.listen()
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
         with EmbeddedPostgres(data_dir, fsync=False) as server:
             new_port = _port(server.url)
             assert new_port not in (old_port, 5432)
