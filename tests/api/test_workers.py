@@ -77,14 +77,18 @@ async def test_forget__a_stopped_or_silent_worker_but_not_a_live_one(
     async with running_worker(conveyor_app) as live:
         body = assert_problem(await admin.delete(f"{WORKERS}/{live.id}"), 409)
         assert "alive" in body["detail"]
-        # A worker that died without a word: its heartbeat is old.
-        with psycopg.connect(database_url, autocommit=True) as conn:
-            conn.execute(
-                "UPDATE conveyor_workers SET last_heartbeat_at = now() - interval '1 hour' WHERE id = %s", (live.id,)
-            )
-        # (The live worker's next heartbeat would refresh it, so forget it right away.)
-        assert (await admin.delete(f"{WORKERS}/{live.id}")).status_code == 204
-    assert_problem(await admin.get(f"{WORKERS}/{live.id}"), 404)
+    # A worker that died without a word: its heartbeat is an hour old and nothing renews it. (Back-dating
+    # the live worker's row instead races with its own heartbeat.)
+    silent = uuid.uuid4()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO conveyor_workers (id, name, host, pid, queues, concurrency, last_heartbeat_at, started_at)"
+            " VALUES (%s, 'gone', 'nowhere', 1, ARRAY['default'], 1, now() - interval '1 hour',"
+            " now() - interval '2 hours')",
+            (silent,),
+        )
+    assert (await admin.delete(f"{WORKERS}/{silent}")).status_code == 204
+    assert_problem(await admin.get(f"{WORKERS}/{silent}"), 404)
 
 
 async def test_unknown_and_malformed_ids(admin: httpx.AsyncClient) -> None:
