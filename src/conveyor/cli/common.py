@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, NoReturn, Protocol, TypeVar
 
 import typer
 
@@ -172,3 +172,29 @@ class EarlySignals:
         """Call ``stop`` once per signal received so far."""
         for _ in self.received:
             stop()
+
+
+class Service(Protocol):
+    """A long-running component the CLI serves until a signal: a worker or a scheduler."""
+
+    def install_signal_handlers(self) -> None: ...
+
+    def request_stop(self) -> None: ...
+
+    async def run(self) -> None: ...
+
+
+def serve(app: App, service: Service, signals: EarlySignals) -> None:
+    """Run ``service`` on a new event loop until it stops. A signal that arrived during start-up is
+    replayed once its handlers are in place; the app's connections for that loop are closed after."""
+
+    async def main() -> None:
+        try:
+            service.install_signal_handlers()
+            signals.replay(service.request_stop)
+            await service.run()
+        finally:
+            await app.aclose()
+
+    asyncio.run(main())
+    signals.service_done()

@@ -7,7 +7,6 @@ Thin adapters over :class:`~conveyor.scheduler.Scheduler` and
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -34,6 +33,7 @@ from conveyor.cli.common import (
     opened,
     parse_json,
     run_with_app,
+    serve,
 )
 from conveyor.core.schedule import MISFIRE_POLICIES, MisfirePolicy, ScheduleDefinition, Timing
 from conveyor.core.schedule_records import Lease, ScheduleRecord
@@ -86,18 +86,7 @@ def scheduler(
     with opened(app):
         if settings.database_url is not None:
             app.check_schema()
-        service = Scheduler(app, sync=reference is not None)
-
-        async def serve() -> None:
-            try:
-                service.install_signal_handlers()
-                signals.replay(service.request_stop)
-                await service.run()
-            finally:
-                await app.aclose()
-
-        asyncio.run(serve())
-        signals.service_done()
+        serve(app, Scheduler(app, sync=reference is not None), signals)
 
 
 schedules = typer.Typer(help="List, add, pause, resume and trigger schedules.")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from conveyor.cli.common import (
     import_app,
     load,
     opened,
+    serve,
 )
 from conveyor.config import Settings
 from conveyor.worker.supervisor import Supervisor
@@ -107,17 +107,7 @@ def worker(
 
 def _run_worker(app: App, reference: str, burst: bool, signals: EarlySignals) -> Worker:
     worker = Worker(app, burst=burst, app_ref=reference)
-
-    async def serve() -> None:
-        try:
-            worker.install_signal_handlers()
-            signals.replay(worker.request_stop)
-            await worker.run()
-        finally:
-            await app.aclose()
-
-    asyncio.run(serve())
-    signals.service_done()
+    serve(app, worker, signals)
     return worker
 
 
