@@ -1,6 +1,10 @@
 """Core throughput and latency on this machine: prints figures and ratios, asserts nothing.
 
     .venv/bin/python benchmarks/bench_core.py [--database-url URL] [--tasks 50000] [--repeat 3] [--big 1000000]
+                                              [--task noop|anoop]
+
+``noop`` is a plain function (run on the worker's thread pool), ``anoop`` an ``async def`` (run on its
+event loop): PgQueuer's entrypoints are async, so compare.py measures both with ``anoop``.
 
 Without --database-url it starts a private PostgreSQL from the embedded binaries (fsync on, as a
 user's would be). Each figure is the median of --repeat runs; timings come from the database clock
@@ -35,8 +39,11 @@ def reset(url: str) -> None:
         conn.execute("VACUUM ANALYZE conveyor_tasks")
 
 
+TASK = "noop"  # which no-op the figures are for (--task)
+
+
 def bulk_enqueue(n: int) -> float:
-    items = [{"name": "noop", "args": [i]} for i in range(n)]
+    items = [{"name": TASK, "args": [i]} for i in range(n)]
     started = time.perf_counter()
     app.enqueue_many(items)
     return n / (time.perf_counter() - started)
@@ -107,7 +114,7 @@ def steady_latency(url: str, rate: int, seconds: float) -> tuple[float, float, f
     )
     try:
         time.sleep(3)  # let it start and listen
-        noop = app.registry.get("noop")
+        noop = app.registry.get(TASK)
         interval = 1 / rate
         next_at = time.perf_counter()
         for i in range(int(rate * seconds)):
@@ -137,7 +144,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--big", type=int, default=1_000_000, help="queued tasks for the flat-cost run (0: skip)")
     parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument("--task", choices=["noop", "anoop"], default="noop", help="sync or async no-op")
     args = parser.parse_args()
+    global TASK
+    TASK = args.task
 
     server = None
     url = args.database_url
@@ -151,7 +161,7 @@ def main() -> None:
     migrate.upgrade(url)
     app.configure(load_settings(None, overrides={"database_url": url}))
     try:
-        print(f"{args.tasks} no-op tasks, median of {args.repeat} runs, 2-core machine")
+        print(f"{args.tasks} no-op tasks ({TASK}), median of {args.repeat} runs, 2-core machine")
         enq, d1, d2 = [], [], []
         for _ in range(args.repeat):
             reset(url)

@@ -6,10 +6,8 @@ import asyncio
 import contextlib
 import importlib
 import logging
-import queue
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import cached_property
@@ -17,11 +15,13 @@ from typing import Any, TypeVar, overload
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from conveyor.bulk_feed import ABORT, BatchFeed
 from conveyor.config import Settings, load_settings
 from conveyor.core.payload import encode, encode_arguments, payload_fingerprint
 from conveyor.core.records import EnqueueRequest
 from conveyor.core.retry import RetryPolicy
 from conveyor.core.schedule import MisfirePolicy, ScheduleDefinition, ScheduleRegistry, Timing, interval_from
+from conveyor.core.states import TaskState
 from conveyor.core.task import (
     EnqueueOptions,
     ExecutorKind,
@@ -38,7 +38,7 @@ from conveyor.db import migrate
 from conveyor.db.engine import create_engine
 from conveyor.db.executors import AsyncConnectionLike, SyncConnectionLike, drive_sync
 from conveyor.db.hot_pool import HotPool
-from conveyor.db.task_store import TaskStore, enqueue_plan
+from conveyor.db.task_store import TaskStore, WrittenBatch, enqueue_plan, prepare_batch
 from conveyor.db.worker_store import WorkerStore
 from conveyor.db.workflow_store import WorkflowStore
 from conveyor.errors import ConfigError, DatabaseError, PayloadError, UnknownTask
@@ -290,44 +290,57 @@ class App:
 
         Batches are validated here while the previous one is being written, in one transaction: an
         invalid item anywhere leaves nothing stored."""
+        handles: list[TaskHandle] = []
         if connection is not None:
             requests = [self.build_request(item) for item in items]
-            handles: list[TaskHandle] = []
             for start in range(0, len(requests), BULK_BATCH):
                 results = drive_sync(enqueue_plan(requests[start : start + BULK_BATCH]), connection)
                 handles.extend(TaskHandle(self, r.id, created=r.created, state=r.state) for r in results)
             return handles
-        feed: queue.Queue[list[EnqueueRequest] | None] = queue.Queue(maxsize=2)
+        if isinstance(items, Sequence) and len(items) <= BULK_BATCH:
+            # One batch: nothing to overlap, and the store's single-statement autocommit path (one round
+            # trip) is what keeps a single enqueue's latency low.
+            return self._bridge.run(self._enqueue_requests([self.build_request(item) for item in items]))
+        feed = BatchFeed(self._bridge.loop)
         writer = asyncio.run_coroutine_threadsafe(self._write_feed(feed), self._bridge.loop)
         try:
             batch: list[EnqueueRequest] = []
             for item in items:
                 batch.append(self.build_request(item))
                 if len(batch) == BULK_BATCH:
-                    _put_while_alive(feed, batch, writer)
+                    feed.put(prepare_batch(batch), writer)
                     batch = []
+                    # Handles for what is written already, made here while the writer's thread (the
+                    # bottleneck) goes on with the next batch.
+                    handles.extend(self._handles_for(feed.take_written()))
             if batch:
-                _put_while_alive(feed, batch, writer)
+                feed.put(prepare_batch(batch), writer)
         except BaseException:
             # The writer raises on the marker, which rolls its transaction back: nothing of this call
             # is stored. Wait for that, so no half-written batch outlives the error.
             with contextlib.suppress(Exception):
-                _put_while_alive(feed, _ABORT, writer)
+                feed.put(ABORT, writer)
                 writer.exception()
             raise
-        _put_while_alive(feed, None, writer)
-        return writer.result()
-
-    async def _write_feed(self, feed: queue.Queue[list[EnqueueRequest] | None]) -> list[TaskHandle]:
-        store = self.store()
-        handles: list[TaskHandle] = []
-        async with store.engine.begin() as conn:
-            while (batch := await asyncio.to_thread(feed.get)) is not None:
-                if batch is _ABORT:
-                    raise _BulkAborted
-                results = await store.enqueue_in(conn, batch)
-                handles.extend(TaskHandle(self, r.id, created=r.created, state=r.state) for r in results)
+        feed.put(None, writer)
+        writer.result()
+        handles.extend(self._handles_for(feed.take_written()))
         return handles
+
+    def _handles_for(self, written: Iterable[WrittenBatch]) -> list[TaskHandle]:
+        handles: list[TaskHandle] = []
+        for batch in written:
+            if batch.keyed_indexes:
+                handles.extend(TaskHandle(self, r.id, created=r.created, state=r.state) for r in batch.results())
+            else:  # all copied: skip the per-row result objects
+                handles.extend(TaskHandle(self, task_id, state=TaskState.QUEUED) for task_id in batch.copied_ids)
+        return handles
+
+    async def _write_feed(self, feed: BatchFeed) -> None:
+        store = self.store()
+        async with store.engine.begin() as conn:
+            while (batch := await feed.get()) is not None:
+                feed.written(await store.write_batch(conn, batch))
 
     async def enqueue_many_async(
         self, items: Iterable[Signature | Mapping[str, Any]], *, connection: AsyncConnectionLike | None = None
@@ -530,27 +543,6 @@ class App:
             self._embedded.stop()
             self._embedded = None
 
-
-def _put_while_alive(
-    feed: queue.Queue[list[EnqueueRequest] | None], item: list[EnqueueRequest] | None, writer: Future[Any]
-) -> None:
-    """Hand a batch to the writer; if the writer died (the database refused), raise its error instead
-    of waiting forever on a full queue."""
-    while True:
-        try:
-            feed.put(item, timeout=0.1)
-            return
-        except queue.Full:
-            if writer.done():
-                writer.result()
-                raise RuntimeError("bulk enqueue writer stopped early") from None
-
-
-class _BulkAborted(Exception):
-    """The caller of a bulk enqueue hit an invalid item: roll back what was written."""
-
-
-_ABORT: list[EnqueueRequest] = []  # identity marker on the bulk enqueue feed
 
 _DEFAULT_OPTIONS = TaskOptions()
 _NO_OPTIONS = EnqueueOptions()

@@ -7,6 +7,7 @@ import json
 import re
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,55 @@ def test_api__serves_until_sigterm(env: dict[str, str], workdir: Path) -> None:
     assert anonymous.headers["content-type"] == "application/problem+json"
     assert enqueued.status_code == 201
     assert key not in (workdir / "stderr.log").read_text()  # keys are never logged
+
+
+@pytest.mark.slow
+def test_api__sigterm_ends_open_event_streams_at_once(env: dict[str, str], workdir: Path) -> None:
+    key = make_key(env, workdir, "tasks:read")["key"]
+    with background("api", "--port", "0", env=env, cwd=workdir) as process:
+        url = wait_for("the API URL", lambda: printed_url(workdir))
+        streams = [EventStream(f"{url}/api/v1/events", key) for _ in range(2)]
+        for stream in streams:
+            assert stream.connected.wait(WAIT_S), stream.lines
+
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=WAIT_S)
+        stopped_s = time.monotonic() - signalled
+        for stream in streams:
+            stream.thread.join(timeout=5)
+
+    assert code == 0
+    # Not uvicorn's graceful timeout (10 s) waiting for streams that never end by themselves.
+    assert stopped_s < 3.0
+    for stream in streams:
+        assert not stream.thread.is_alive()
+        assert stream.error is None  # a clean end of the response, not a broken connection
+        assert "event: shutdown" in stream.lines
+
+
+class EventStream:
+    """A client reading ``GET /events`` in a thread, line by line, until the response ends."""
+
+    def __init__(self, url: str, key: str) -> None:
+        self.url, self.key = url, key
+        self.lines: list[str] = []
+        self.error: BaseException | None = None
+        self.connected = threading.Event()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        headers = {"Authorization": f"Bearer {self.key}", "Accept": "text/event-stream"}
+        try:
+            with httpx.stream("GET", self.url, headers=headers, timeout=WAIT_S) as response:
+                assert response.status_code == 200
+                for line in response.iter_lines():
+                    self.lines.append(line)
+                    if line == ": connected":
+                        self.connected.set()
+        except BaseException as exc:  # reported by the test, not lost in the thread
+            self.error = exc
 
 
 @pytest.mark.slow

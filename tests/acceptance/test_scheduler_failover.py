@@ -151,6 +151,13 @@ def test_two_schedulers__leader_sigkilled_halfway__every_fire_time_exactly_one_t
     lateness = max((r[2] - r[0]).total_seconds() for r in rows)
     assert lateness <= LEASE_S + 3.0, lateness
     assert "fired for" in standby.output()
+    # The killed one left its row behind, stale by now (GET /api/v1/scheduler says so); the one stopped
+    # with SIGTERM deleted its own.
+    left = query(
+        database_url,
+        "SELECT pid, now() - last_seen_at > make_interval(secs => stale_after_s) FROM conveyor_scheduler_processes",
+    )
+    assert left == [(victim.pid, True)]
 
 
 @pytest.mark.slow

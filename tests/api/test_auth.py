@@ -115,6 +115,7 @@ def test_scopes__declared_on_every_route_as_intended(api: FastAPI) -> None:
     assert scopes[("POST", "/api/v1/workers/{worker_id}/drain")] == Scope.ADMIN
     assert scopes[("GET", "/api/v1/admin/api-keys")] == Scope.ADMIN
     assert scopes[("GET", "/metrics")] == Scope.TASKS_READ
+    assert scopes[("GET", "/api/v1/scheduler")] == Scope.TASKS_READ
 
 
 def test_scopes__admin_implies_all_and_write_implies_read() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any
 
 import httpx
@@ -116,3 +117,17 @@ async def test_workers__counted_per_queue(reader: httpx.AsyncClient, conveyor_ap
             return found if found.get("other") == 1 else None
 
         assert await wait_until("the worker to be counted", counted) == {"default": 1, "other": 1}
+
+
+async def test_limits__workers_honour_them(admin: httpx.AsyncClient, conveyor_app: App, database_url: str) -> None:
+    await admin.put(f"{QUEUES}/default/limits", json={"concurrency_limit": 1})
+    handles = await conveyor_app.enqueue_many_async([{"name": "slow", "args": [0.2]} for _ in range(3)])
+
+    async with running_worker(conveyor_app, concurrency=10):
+        for handle in handles:
+            await handle.result_async(timeout=20)
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        spans = conn.execute("SELECT started_at, finished_at FROM conveyor_tasks ORDER BY started_at").fetchall()
+    # One at a time: each started only after the one before it had finished.
+    assert all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(spans))

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import psycopg
 from sqlalchemy import text
 
 from conveyor.app import App
 from conveyor.core.schedule import ScheduleDefinition, Timing, run_key
 from conveyor.db.schedule_store import ScheduleStore
-from tests.api.conftest import assert_problem
+from conveyor.scheduler import Scheduler
+from tests.api.conftest import assert_problem, new_app, wait_until
 
 NIGHTLY = {"name": "nightly", "task": "add", "cron": "0 3 * * *", "timezone": "Europe/Berlin", "args": [1, 2]}
 
@@ -160,3 +164,124 @@ async def test_scopes__read_trigger_and_manage(
         assert_problem(await client.put(path, json=NIGHTLY), 403)
         assert_problem(await client.delete(path), 403)
     assert_problem(await anonymous.get("/api/v1/schedules"), 401)
+
+
+# -- the scheduler's health (GET /api/v1/scheduler) ---------------------------------------------------
+
+
+def sql(url: str, statement: str, *params: object) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        cursor = conn.execute(statement, params)
+        return cursor.fetchall() if cursor.description else []
+
+
+async def test_scheduler__no_leader_without_a_scheduler_and_readiness_stays_green(
+    reader: httpx.AsyncClient, anonymous: httpx.AsyncClient
+) -> None:
+    response = await reader.get("/api/v1/scheduler")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["status"], body["leader"], body["processes"]) == ("no-leader", None, [])
+    assert body["problems"] == ["no scheduler has ever held the leader lease"]
+    ready = await anonymous.get("/health/ready")
+    assert ready.status_code == 200 and ready.json()["scheduler"] == "no-leader"  # an API-only deployment is ready
+    assert_problem(await anonymous.get("/api/v1/scheduler"), 401)
+
+
+async def test_scheduler__a_skewed_scheduler_elsewhere_shows_its_warning_and_leaves_when_stopped(
+    reader: httpx.AsyncClient, anonymous: httpx.AsyncClient, database_url: str
+) -> None:
+    # The scheduler runs on an App of its own, as `conveyor scheduler` does in another process: whatever
+    # the API shows, it read in the database.
+    elsewhere = new_app(database_url)
+    scheduler = Scheduler(elsewhere, sync=False, wall_clock=lambda: time.time() + 30)
+    runner = asyncio.create_task(scheduler.run())
+    try:
+
+        async def reported_leading() -> dict[str, Any] | None:
+            body: dict[str, Any] = (await reader.get("/api/v1/scheduler")).json()
+            return body if body["processes"] and body["processes"][0]["leading"] else None
+
+        body = await wait_until("the scheduler to report itself as the leader", reported_leading)
+        assert body["status"] == "degraded"
+        assert body["leader"]["holder"] == scheduler.holder and body["leader"]["fencing_token"] == 1
+        assert not body["leader"]["expired"]
+        [process] = body["processes"]
+        assert (process["id"], process["pid"], process["fencing_token"], process["stale"]) == (
+            scheduler.holder,
+            scheduler.pid,
+            1,
+            False,
+        )
+        assert -31 < process["clock_skew_s"] < -29
+        assert process["warning"].startswith(f"clock skew: the clock of host {scheduler.host} is +")
+        assert body["problems"] == [f"scheduler {scheduler.holder}: {process['warning']}"]
+        assert (await anonymous.get("/health/ready")).json()["scheduler"] == "degraded"
+    finally:
+        scheduler.request_stop()
+        await asyncio.wait_for(runner, 20)
+        await elsewhere.aclose()
+        elsewhere.close()
+    after = (await reader.get("/api/v1/scheduler")).json()
+    assert after["processes"] == [] and after["status"] == "no-leader"
+    assert after["leader"]["holder"] == scheduler.holder and after["leader"]["expired"]  # released on stop
+    assert sql(database_url, "SELECT count(*) FROM conveyor_scheduler_processes") == [(0,)]
+
+
+async def test_scheduler__one_that_went_silent_is_stale(
+    reader: httpx.AsyncClient, conveyor_app: App, database_url: str
+) -> None:
+    leader, silent = Scheduler(conveyor_app, sync=False), Scheduler(conveyor_app, sync=False)
+    for process in (leader, silent):
+        await process.renew_once()
+        assert await process.report_presence()
+    assert (await reader.get("/api/v1/scheduler")).json()["status"] == "ok"
+    # It stopped reporting without stopping (SIGKILL, a lost host): time travel past two of its leases.
+    sql(
+        database_url,
+        "UPDATE conveyor_scheduler_processes SET last_seen_at = now() - interval '25 seconds' WHERE id = %s",
+        silent.holder,
+    )
+    body = (await reader.get("/api/v1/scheduler")).json()
+    assert body["status"] == "degraded" and body["leader"]["holder"] == leader.holder
+    by_id = {p["id"]: p for p in body["processes"]}
+    assert [p["id"] for p in body["processes"]] == [leader.holder, silent.holder]  # most recently seen first
+    assert by_id[silent.holder]["stale"] and 25 <= by_id[silent.holder]["seen_age_s"] < 60
+    assert not by_id[leader.holder]["stale"] and by_id[leader.holder]["leading"]
+    assert not by_id[silent.holder]["leading"] and by_id[silent.holder]["fencing_token"] is None
+    assert len(body["problems"]) == 1 and silent.holder in body["problems"][0]
+
+
+async def test_admin_prune__deletes_old_schedule_runs_on_request_keeping_each_schedules_newest(
+    admin: httpx.AsyncClient, conveyor_app: App, database_url: str
+) -> None:
+    created = await create(admin)
+    sql(
+        database_url,
+        "INSERT INTO conveyor_schedule_runs (schedule_id, fire_at) "
+        "SELECT %s, date_trunc('second', now()) - interval '2 days' - make_interval(secs => i) "
+        "FROM generate_series(1, 150) AS i "
+        "UNION ALL SELECT %s, date_trunc('second', now()) - make_interval(secs => 600 + i) "
+        "FROM generate_series(1, 5) AS i",
+        created["id"],
+        created["id"],
+    )
+    newest = sql(
+        database_url,
+        "SELECT fire_at FROM conveyor_schedule_runs WHERE schedule_id = %s ORDER BY fire_at DESC LIMIT 100",
+        created["id"],
+    )
+    tasks_only = (await admin.post("/api/v1/admin/prune", json={"older_than_s": 86_400})).json()
+    assert tasks_only["schedule_runs_deleted"] == 0
+    assert sql(database_url, "SELECT count(*) FROM conveyor_schedule_runs") == [(155,)]
+
+    body = {"older_than_s": 86_400, "schedule_runs": True, "batch_size": 100}
+    pruned = (await admin.post("/api/v1/admin/prune", json=body)).json()
+    assert conveyor_app.settings.scheduler.run_keep_newest == 100
+    assert (pruned["schedule_runs_deleted"], pruned["more"]) == (55, False)
+    left = sql(
+        database_url,
+        "SELECT fire_at FROM conveyor_schedule_runs WHERE schedule_id = %s ORDER BY fire_at DESC",
+        created["id"],
+    )
+    assert left == newest

@@ -7,9 +7,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
+from fastapi import FastAPI
 
-from tests.api.conftest import assert_problem
+from conveyor.api.app import create_app
+from conveyor.db.search_walk import SearchBudget
+from tests.api.conftest import TEST_AUTH, assert_problem, new_app
 from tests.api.seeding import error, execute, insert, task
 
 SEARCH = "/api/v1/search"
@@ -231,3 +235,163 @@ async def test_plan__a_rare_value_of_an_indexed_column_is_found_by_its_index(dat
     text = str(plan)
     assert "ix_conveyor_tasks_queue_id" in text
     assert "Seq Scan" not in text
+
+
+# -- the time budget: partial pages that resume exactly where the scan stopped ---------------------------
+
+#: 1,500 tasks; every 23rd has the needle in its args. Finished times and run times repeat (ties
+#: broken by id) and do not follow the ids; a fifth are queued and a fifth scheduled (run_at sorts).
+HAYSTACK = """
+INSERT INTO conveyor_tasks (name, queue, state, args, run_at, started_at, finished_at)
+SELECT 'add', 'default', s.state,
+       jsonb_build_array(i, CASE WHEN i % 23 = 0 THEN 'needle' ELSE 'hay' END),
+       now() + ((i * 13) % 50) * interval '1 minute',
+       CASE WHEN s.finished THEN now() - interval '1 hour' END,
+       CASE WHEN s.finished THEN now() - ((i * 37) % 150) * interval '1 second' END
+FROM generate_series(1, 1500) AS i,
+     LATERAL (SELECT CASE i % 5 WHEN 0 THEN 'queued' WHEN 1 THEN 'scheduled' WHEN 2 THEN 'dead' ELSE 'succeeded' END
+                     AS state,
+                     i % 5 >= 2 AS finished) AS s
+"""
+NEEDLE = {"args": [{"path": "$[1]", "equals": "needle"}]}
+WAITING = ["queued", "scheduled"]
+# What each sort walks and in which order, as plain SQL (the reference the pages must add up to).
+ORDERS = {
+    "-id": ("true", "id DESC"),
+    "id": ("true", "id"),
+    "-finished_at": ("finished_at IS NOT NULL", "finished_at DESC, id DESC"),
+    "finished_at": ("finished_at IS NOT NULL", "finished_at, id"),
+    "-run_at": ("state IN ('queued', 'scheduled')", "run_at DESC, id DESC"),
+    "run_at": ("state IN ('queued', 'scheduled')", "run_at, id"),
+}
+
+
+def expected_ids(database_url: str, sort: str, condition: str = "args ->> 1 = 'needle'") -> list[int]:
+    domain, order = ORDERS[sort]
+    sql = f"SELECT id FROM conveyor_tasks WHERE {condition} AND {domain} ORDER BY {order}"
+    return [row[0] for row in execute(database_url, sql)]
+
+
+async def walk(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[list[int], list[dict[str, Any]]]:
+    """Every page of a search, following the cursor to the end: the ids in order, and the pages."""
+    seen: list[int] = []
+    pages: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        response = await client.post(SEARCH, json={**body, **({"cursor": cursor} if cursor else {})})
+        assert response.status_code == 200, response.text
+        page = response.json()
+        pages.append(page)
+        seen += [item["id"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return seen, pages
+        assert len(pages) < 500, "the walk does not end"
+
+
+@pytest.mark.parametrize("sort", list(ORDERS))
+async def test_budget__partial_pages_resume_exactly_where_the_scan_stopped(
+    reader: httpx.AsyncClient, api: FastAPI, database_url: str, sort: str
+) -> None:
+    execute(database_url, HAYSTACK)
+    # At most 60 tasks examined per request (a row budget, so the test does not depend on speed): two or
+    # three needles, so some pages fill (two items and one more) and most stop short.
+    api.state.search_budget = SearchBudget(page_s=30, count_s=30, max_rows=60, first_slice_rows=20)
+    criteria = {**NEEDLE, **({"state": WAITING} if "run_at" in sort else {})}
+    expected = expected_ids(database_url, sort)
+
+    seen, pages = await walk(reader, {"filter": criteria, "sort": sort, "limit": 2})
+
+    assert seen == expected  # every match, once, in order
+    partial = [p for p in pages if not p["complete"]]
+    assert len(partial) >= 3
+    assert any(p["complete"] and p["next_cursor"] for p in pages)  # full pages in between
+    for page in partial:
+        assert page["next_cursor"] and page["scanned_to"]["id"] >= 1
+        assert len(page["items"]) <= 2
+    assert all(p["scanned_to"] is None for p in pages if p["complete"])
+    assert pages[-1]["complete"]
+    # The count is honest: exact, or a lower bound that says it is one.
+    assert all(p["count"] == len(expected) if p["count_is_exact"] else p["count"] <= len(expected) for p in pages)
+    assert not pages[0]["count_is_exact"]
+
+
+async def test_budget__out_of_time_every_request_still_scans_one_slice(
+    reader: httpx.AsyncClient, api: FastAPI, database_url: str
+) -> None:
+    execute(database_url, HAYSTACK)
+    api.state.search_budget = SearchBudget(page_s=0, count_s=0, first_slice_rows=50)
+
+    seen, pages = await walk(reader, {"filter": NEEDLE, "limit": 50})
+
+    assert seen == expected_ids(database_url, "-id")
+    assert len(pages) == 1500 // 50 + 1  # one slice of 50 tasks each; the last finds the end
+    assert [p["complete"] for p in pages] == [False] * 30 + [True]
+    first = pages[0]
+    assert (first["count"], first["count_is_exact"]) == (len(first["items"]), False)  # at least these
+
+
+async def test_budget__index_filters_answer_whole_pages_and_counts_when_in_time(
+    reader: httpx.AsyncClient, api: FastAPI, database_url: str
+) -> None:
+    execute(database_url, HAYSTACK)
+    # The default budget is ample for 1,500 tasks: whole pages, exact counts, for a scan too.
+    expected = expected_ids(database_url, "-finished_at")
+    first = (await reader.post(SEARCH, json={"filter": NEEDLE, "sort": "-finished_at", "limit": 5})).json()
+    assert first["complete"] and first["scanned_to"] is None
+    assert [i["id"] for i in first["items"]] == expected[:5]
+    assert (first["count"], first["count_is_exact"]) == (len(expected), True)
+    # A tiny budget does not change an answer an index gives (whichever way it is found).
+    api.state.search_budget = SearchBudget(page_s=0, count_s=0, first_slice_rows=20)
+    seen, _ = await walk(reader, {"filter": {"state": WAITING}, "sort": "run_at", "limit": 40})
+    assert seen == expected_ids(database_url, "run_at", "true")
+
+
+@pytest.mark.parametrize("sort", list(ORDERS))
+async def test_plan__a_walk_slice_is_a_range_of_the_sort_index(database_url: str, sort: str) -> None:
+    execute(database_url, HAYSTACK)
+    execute(database_url, "ANALYZE conveyor_tasks")
+    from datetime import UTC, datetime
+
+    from sqlalchemy import select
+    from sqlalchemy.dialects import postgresql
+
+    from conveyor.api.pagination import parse_sort
+    from conveyor.db.search_store import _COLUMNS, JsonCondition, SearchFilter
+    from conveyor.db.search_walk import SortOrder
+    from conveyor.db.task_queries import Keyset
+
+    order = SortOrder(parse_sort(sort))
+    now = datetime.now(UTC)
+    start, end = (Keyset(900, 900), Keyset(700, 700)) if sort.endswith("id") else (Keyset(now, 900), Keyset(now, 700))
+    if not sort.startswith("-"):
+        start, end = end, start
+    needle = SearchFilter(args=(JsonCondition(where="x", path="$[1]", equals="needle"),))
+    queries = {
+        "probe": order.probe(start, 100),
+        "slice": select(*_COLUMNS)
+        .where(*needle.clauses(), *order.domain(), *order.between(start, end))
+        .order_by(*order.order_by())
+        .limit(4),
+    }
+    index = {"id": "pk_conveyor_tasks", "finished_at": "ix_conveyor_tasks_finished_at"}.get(
+        sort.lstrip("-"), "ix_conveyor_tasks_waiting_run_at"
+    )
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        # As the walk runs its statements: sequential scans off, so only an index can serve them well.
+        conn.execute("SET enable_seqscan = off")
+        for what, query in queries.items():
+            sql = str(query.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+            [(plan,)] = conn.execute(("EXPLAIN (FORMAT JSON) " + sql).encode()).fetchall()  # type: ignore[call-overload]
+            assert index in str(plan), (what, plan)
+            assert "Seq Scan" not in str(plan), (what, plan)
+
+
+async def test_budget__comes_from_the_api_settings(database_url: str) -> None:
+    app = new_app(database_url, api__search_page_budget_s=0.75, api__search_count_budget_s=0.2)
+    try:
+        budget = create_app(app, auth=TEST_AUTH).state.search_budget
+        assert (budget.page_s, budget.count_s) == (0.75, 0.2)
+    finally:
+        await app.aclose()
+        app.close()

@@ -289,3 +289,43 @@ def test_bulk_enqueue__an_invalid_item_stores_nothing(app: App) -> None:
         return len(await app.store().list(limit=100))
 
     assert app.run_sync(count()) == 0
+
+
+def test_bulk_enqueue__keyed_items_among_copied_ones_keep_input_order(app: App) -> None:
+    @app.task(name="t")
+    def t(*args: object) -> None: ...
+
+    existing = app.enqueue("t", [-1], idempotency_key="known")
+    items: list[dict[str, object]] = [{"name": "t", "args": [i]} for i in range(6_000)]
+    items[10] = {"name": "t", "args": [-1], "idempotency_key": "known"}  # same payload: the existing task
+    items[5_500] = {"name": "t", "args": ["new"], "idempotency_key": "fresh"}
+    handles = app.enqueue_many(items)
+
+    assert len(handles) == 6_000
+    assert handles[10].id == existing.id and not handles[10].created
+    assert handles[5_500].created
+
+    async def stored() -> dict[int, object]:
+        records = await app.store().list(limit=10_000)
+        return {r.id: r.args for r in records}
+
+    args_by_id = app.run_sync(stored())
+    assert len(args_by_id) == 6_000  # the existing task, 5,998 copied ones and "fresh"
+    for i, handle in enumerate(handles):
+        assert args_by_id[handle.id] == items[i]["args"]
+
+
+def test_bulk_enqueue__a_refused_batch_raises_its_error_and_stores_nothing(app: App) -> None:
+    @app.task(name="t")
+    def t(*args: object) -> None: ...
+
+    app.enqueue("t", ["first"], idempotency_key="taken")
+    items: list[dict[str, object]] = [{"name": "t", "args": [i]} for i in range(12_000)]
+    items[7_000] = {"name": "t", "args": ["other"], "idempotency_key": "taken"}  # refused by the writer
+    with pytest.raises(IdempotencyConflict):
+        app.enqueue_many(items)
+
+    async def count() -> int:
+        return len(await app.store().list(limit=100))
+
+    assert app.run_sync(count()) == 1

@@ -302,11 +302,19 @@ class EventHub:
 
     # -- shutting down ---------------------------------------------------------------------------
 
-    async def close(self) -> None:
-        """End every stream (each gets a final ``shutdown`` event) and stop polling."""
+    def end_streams(self) -> None:
+        """End every stream now (each gets a final ``shutdown`` event) and refuse new ones.
+
+        For the start of a server's shutdown: a server waits for open responses to finish before it
+        runs the application's shutdown, and a stream never finishes by itself. Not a coroutine, so a
+        signal handler can call it; the poller stops with the last stream, or at :meth:`close`."""
         self._closed = True
         for subscription in list(self._subscribers):
             subscription.end(StreamEnd("shutdown"))
+
+    async def close(self) -> None:
+        """End every stream (each gets a final ``shutdown`` event) and stop polling."""
+        self.end_streams()
         self._subscribers.clear()
         await self._stop_poller()
 

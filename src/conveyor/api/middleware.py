@@ -7,9 +7,14 @@ client never gets as far as sending us a body) -> body limit -> the application.
 from __future__ import annotations
 
 import logging
+import re
 import time
+from collections.abc import Sequence
+from typing import Any
 
+import fastapi.routing
 from starlette.datastructures import Headers
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conveyor.api.auth import Authenticator, AuthError
@@ -27,6 +32,7 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp, *, metrics: ApiMetrics) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes: RouteTemplates | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -44,11 +50,57 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, sending)
         finally:
-            # The router records the matched route in the scope. Its name (the endpoint function's, which
-            # is also its OpenAPI operationId) is unique and bounded; its path may lack the prefixes of
-            # the routers it was included in.
-            route = getattr(scope.get("route"), "name", None) or "unmatched"
-            self.metrics.observe(scope["method"], route, status, time.perf_counter() - started)
+            if self.routes is None:
+                # Built at the first request, when every route has been added.
+                self.routes = RouteTemplates(getattr(scope.get("app"), "routes", []))
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "OTHER"
+            self.metrics.observe(method, self.routes.label(scope), status, time.perf_counter() - started)
+
+
+#: Methods counted under their own name; any other (a client may send any token) counts as "OTHER".
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+#: The route label of a request that matched no route.
+UNMATCHED = "unmatched"
+
+
+class RouteTemplates:
+    """The path templates of an app's routes (``/api/v1/tasks/{task_id}``), as metric labels: as few
+    label values as there are routes, whatever paths clients send, and :data:`UNMATCHED` for the rest.
+
+    The route the router records in the scope does not carry its full path (FastAPI resolves the
+    prefixes of included routers apart from it), and a request refused before routing (no key, a body
+    over the limit, the database breaker open) has none: so the templates come from the app's routes,
+    prefixes included, and a request is matched against them when its scope has no route."""
+
+    def __init__(self, routes: Sequence[BaseRoute]) -> None:
+        # FastAPI versions that resolve included routers lazily list them through iter_route_contexts;
+        # earlier ones flatten them into app.routes, prefixes included.
+        expand = getattr(fastapi.routing, "iter_route_contexts", None)
+        resolved: list[Any] = list(expand(routes)) if expand is not None else list(routes)
+        self._table: list[tuple[re.Pattern[str], str, frozenset[str] | None]] = []
+        templates: dict[int, set[str]] = {}
+        for route in resolved:
+            template, pattern = getattr(route, "path_format", None), getattr(route, "path_regex", None)
+            if not isinstance(template, str) or not isinstance(pattern, re.Pattern):
+                continue
+            methods = getattr(route, "methods", None)
+            self._table.append((pattern, template, None if methods is None else frozenset(methods)))
+            original = getattr(route, "original_route", route)
+            templates.setdefault(id(original), set()).add(template)
+        # A route included once has one template; one included under two prefixes is matched instead.
+        self._by_route = {key: found.pop() for key, found in templates.items() if len(found) == 1}
+
+    def label(self, scope: Scope) -> str:
+        routed = scope.get("route")
+        if routed is not None and id(routed) in self._by_route:
+            return self._by_route[id(routed)]
+        path, other_method = route_path(scope), None
+        for pattern, template, methods in self._table:
+            if pattern.match(path):
+                if methods is None or scope["method"] in methods:
+                    return template
+                other_method = other_method or template  # the router's 405: still that route
+        return other_method or UNMATCHED
 
 
 class AuthMiddleware:

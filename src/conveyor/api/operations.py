@@ -7,7 +7,9 @@ their stores, and the pieces that live as long as the API application does.
   the ``database`` breaker that :class:`~conveyor.api.db_breaker.DatabaseBreakerMiddleware` applies
   to every request, and the ``redis`` breaker of the degradation check;
 * ``recovery``: the :class:`~conveyor.resilience.recovery.RecoveryEngine` (it remembers the last report);
-* ``event_hub``: the :class:`~conveyor.api.event_hub.EventHub` behind ``GET /events``.
+* ``event_hub``: the :class:`~conveyor.api.event_hub.EventHub` behind ``GET /events``;
+* ``search_budget``: the :class:`~conveyor.db.search_walk.SearchBudget` of every search (replace it to
+  tune how long a search scans before it answers with a partial page).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from conveyor.db.analytics_store import AnalyticsStore
 from conveyor.db.dead_store import DeadStore
 from conveyor.db.debug_store import DebugStore
 from conveyor.db.search_store import SearchStore
+from conveyor.db.search_walk import SearchBudget
 from conveyor.db.task_store import TaskStore
 from conveyor.resilience.circuit_breaker import BreakerRegistry, CircuitBreaker
 from conveyor.resilience.recovery import RecoveryEngine
@@ -48,6 +51,9 @@ def install(api: FastAPI, conveyor_app: App, *, api_prefix: str) -> None:
         max_worker_losses=settings.worker.max_worker_losses,
         lease_timeout_s=settings.worker.lease_timeout_s,
     )
+    api.state.search_budget = SearchBudget(
+        page_s=settings.api.search_page_budget_s, count_s=settings.api.search_count_budget_s
+    )
     api.state.event_hub = EventHub(conveyor_app, breaker=database, worker_stale_after_s=settings.worker.lease_timeout_s)
     resilience = f"{api_prefix}/resilience"
 
@@ -57,6 +63,15 @@ def install(api: FastAPI, conveyor_app: App, *, api_prefix: str) -> None:
         return path in PUBLIC_PATHS or path == resilience or path.startswith(resilience + "/")
 
     api.add_middleware(DatabaseBreakerMiddleware, conveyor_app=conveyor_app, breaker=database, exempt=exempt)
+
+
+def end_streams(api: FastAPI) -> None:
+    """End the open event streams at once (each client gets a final ``shutdown`` event) and refuse new
+    ones: what a server about to stop calls first, since it waits for open responses to finish before
+    the application's shutdown runs (and :func:`close` with it)."""
+    hub = getattr(api.state, "event_hub", None)
+    if isinstance(hub, EventHub):
+        hub.end_streams()
 
 
 async def close(api: FastAPI) -> None:
@@ -94,7 +109,7 @@ async def ops(request: Request) -> Ops:
     return Ops(
         app=app,
         tasks=runtime.tasks,
-        search=SearchStore(engine),
+        search=SearchStore(engine, state.search_budget),
         analytics=AnalyticsStore(engine, worker_stale_after_s=app.settings.worker.lease_timeout_s),
         dead=DeadStore(engine),
         admin=AdminStore(engine),

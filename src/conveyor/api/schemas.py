@@ -426,3 +426,8 @@ class ReadyOut(BaseModel):
     status: Literal["ok"] = "ok"
     database: Literal["ok"] = "ok"
     schema_revision: str
+    scheduler: Literal["ok", "degraded", "no-leader", "unknown"] = Field(
+        default="unknown",
+        description="Informational, never a reason for 503 (an API-only deployment runs no scheduler): the "
+        "`status` of GET /api/v1/scheduler, or `unknown` if it could not be read in time.",
+    )

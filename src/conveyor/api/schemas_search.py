@@ -7,6 +7,7 @@ reach the database as bound parameters only.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -189,12 +190,29 @@ class SearchItemOut(TaskSummaryOut):
     error_message: str | None = Field(description="The start of the last error's message.")
 
 
+class ScanPositionOut(BaseModel):
+    """A position in the sort order: the sort field's value there, and the task id (ties break by id)."""
+
+    value: int | datetime = Field(description="The task id (sort by id), or the time (finished_at, run_at).")
+    id: int
+
+
 class SearchOut(BaseModel):
     items: list[SearchItemOut]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
+    complete: bool = Field(
+        description="False when the search's time budget ran out before the page filled: `items` are the "
+        "matches found up to `scanned_to` (maybe none) and `next_cursor` resumes the scan exactly there, "
+        "so paging on returns every match once, in order. Only filters no index answers (JSON conditions, "
+        "error text or type, worker, start time) scan; the others always answer complete pages."
+    )
+    scanned_to: ScanPositionOut | None = Field(
+        description="On a partial page, how far the scan got: every task up to here in sort order was examined."
+    )
     count: int | None = Field(
-        description=f"How many tasks match: exact when `count_is_exact`, otherwise more than this "
-        f"(counting stops at {COUNT_CAP:,}). Null when not asked for, or too costly to count in time."
+        description=f"How many tasks match: exact when `count_is_exact`, otherwise at least this many "
+        f"(counting stops past {COUNT_CAP:,} matches, or when its time budget runs out). Null when not "
+        f"asked for, or when nothing could be counted in time."
     )
     count_is_exact: bool
 

@@ -16,6 +16,7 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
@@ -97,10 +98,13 @@ class ApiServer:
         import uvicorn
 
         from conveyor.api.app import create_app
+        from conveyor.api.operations import end_streams
 
         self.socket = _bind(host, port)
+        api = create_app(app)
+        self._end_streams = partial(end_streams, api)
         config = uvicorn.Config(
-            create_app(app),
+            api,
             log_config=None,  # our logging is already set up; uvicorn's records go through it
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
             proxy_headers=True,  # trusts X-Forwarded-For from 127.0.0.1 only (uvicorn's default)
@@ -116,6 +120,10 @@ class ApiServer:
     def stop(self) -> None:
         if self.server.should_exit:
             self.server.force_exit = True  # the second request: drop open connections
+        else:
+            # uvicorn lets open responses finish (up to GRACEFUL_SHUTDOWN_S) before the app's own
+            # shutdown runs, and an event stream never finishes by itself: end the streams now.
+            self._end_streams()
         self.server.should_exit = True
 
 

@@ -20,6 +20,7 @@ from conveyor.cli.api import api, api_keys
 from conveyor.cli.common import BadInput
 from conveyor.cli.db import db
 from conveyor.cli.enqueue import enqueue
+from conveyor.cli.queues import queues
 from conveyor.cli.scheduler import scheduler, schedules
 from conveyor.cli.tasks import tasks
 from conveyor.cli.up import up
@@ -41,6 +42,7 @@ app.command(help=worker.__doc__)(worker)
 app.command(help=up.__doc__)(up)
 app.command(help=enqueue.__doc__)(enqueue)
 app.add_typer(tasks, name="tasks")
+app.add_typer(queues, name="queues")
 app.add_typer(db, name="db")
 app.command(help=scheduler.__doc__)(scheduler)
 app.add_typer(schedules, name="schedules")

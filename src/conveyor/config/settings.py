@@ -214,6 +214,12 @@ class ApiSettings(_Section):
     cors_origins: CommaList = ()
     """Origins allowed by CORS; a list or a comma-separated string. Empty disables CORS."""
 
+    search_page_budget_s: Seconds = 0.25
+    """Seconds a search may scan for one page before it answers with a partial page and a cursor."""
+
+    search_count_budget_s: Seconds = 0.1
+    """Seconds a search may count after its page; past it the count is a lower bound."""
+
 
 class SchedulerSettings(_Section):
     """The periodic-task scheduler; one leader at a time enqueues due runs."""
@@ -229,6 +235,19 @@ class SchedulerSettings(_Section):
 
     max_clock_skew_s: Seconds = 2.0
     """Largest clock difference between hosts that the scheduler tolerates."""
+
+    run_retention_s: float = Field(default=604_800.0, ge=60, allow_inf_nan=False)
+    """Seconds a schedule's runs are kept, by fire time (default 7 days); the leader prunes older ones."""
+
+    run_keep_newest: int = Field(default=100, ge=0, le=1_000_000)
+    """Runs of each schedule kept whatever their age, so a rarely firing schedule keeps its history."""
+
+    retention_interval_s: Seconds = 600.0
+    """Seconds between the leader's retention passes (old runs, rows of vanished scheduler processes)."""
+
+    stale_retention_s: Seconds = 3600.0
+    """Seconds a scheduler process that stopped reporting without stopping (killed, host lost) stays
+    listed as stale before its row is deleted."""
 
     @model_validator(mode="after")
     def _lease_outlives_tick(self) -> SchedulerSettings:

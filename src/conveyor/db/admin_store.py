@@ -3,7 +3,9 @@
 Prune deletes finished tasks older than the retention in batches of :data:`PRUNE_BATCH`, each batch its
 own short transaction found through the partial ``finished_at`` index (never a scan of the table), so
 it holds few locks for a short time and can be interrupted anywhere without losing work. The cut-off
-is fixed when the call starts, so a prune always ends, however fast tasks finish meanwhile.
+is fixed when the call starts, so a prune always ends, however fast tasks finish meanwhile. On request
+it first prunes schedule runs by the same age, keeping each schedule's newest ones and never touching a
+run near its schedule's cursor (:mod:`conveyor.db.schedule_run_retention` explains why that is safe).
 
 Maintenance pauses queues through ``conveyor_queues.paused``, which every worker's claim statement
 already honours at its next claim; the ``conveyor_maintenance`` row remembers which queues it paused,
@@ -23,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from conveyor.core.states import TERMINAL_STATES, TaskState
 from conveyor.db.errors import translate_errors
 from conveyor.db.executors import execute_async
+from conveyor.db.schedule_run_retention import ScheduleRunRetention
 from conveyor.db.task_sql import WAKEUP_CHANNEL
 
 #: Tasks deleted per statement by a prune.
@@ -104,6 +107,7 @@ class PruneReport:
     batches: int
     cutoff: datetime
     more: bool  # stopped at the limit or the time budget: call again for the rest
+    schedule_runs_deleted: int = 0
 
 
 @dataclass(frozen=True)
@@ -136,13 +140,24 @@ class AdminStore:
         batch: int = PRUNE_BATCH,
         limit: int | None = None,
         budget_s: float | None = None,
+        schedule_runs_keep: int | None = None,
     ) -> PruneReport:
         """Delete tasks that finished (in ``states``) more than ``older_than_s`` seconds ago, with their
         history, ``batch`` per statement, until none is left, ``limit`` are deleted or ``budget_s``
-        seconds have passed."""
+        seconds have passed.
+
+        With ``schedule_runs_keep``, first delete schedule runs fired more than ``older_than_s`` seconds
+        ago beyond each schedule's ``schedule_runs_keep`` newest (within the same time budget; ``limit``
+        counts tasks only). Runs go first: each task deleted afterwards then has fewer runs to unlink."""
         wanted = sorted(s.value for s in states if s in TERMINAL_STATES)
         started = time.monotonic()
-        deleted = batches = 0
+        deleted = batches = runs_deleted = 0
+        runs_more = False
+        if schedule_runs_keep is not None:
+            runs = await ScheduleRunRetention(self.engine).prune(
+                older_than_s, keep_newest=schedule_runs_keep, batch=batch, budget_s=budget_s
+            )
+            runs_deleted, batches, runs_more = runs.deleted, runs.batches, runs.more
         with translate_errors():
             async with self.engine.connect() as conn:
                 cutoff: datetime = (await execute_async(conn, _CUTOFF, {"older_than_s": older_than_s}))[0]["cutoff"]
@@ -162,7 +177,13 @@ class AdminStore:
                         break
                 await execute_async(conn, _PRUNE_DEBUG, {})
                 await conn.commit()
-        return PruneReport(deleted=deleted, batches=batches, cutoff=cutoff, more=more)
+        return PruneReport(
+            deleted=deleted,
+            batches=batches,
+            cutoff=cutoff,
+            more=more or runs_more,
+            schedule_runs_deleted=runs_deleted,
+        )
 
     # -- maintenance -----------------------------------------------------------------------------
 

@@ -153,6 +153,10 @@ queues = Table(
     Column("concurrency_limit", Integer, nullable=True),
     Column("rate_limit_per_s", Double, nullable=True),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # The rate limit's token bucket (conveyor.db.limit_sql): tokens left at rate_tokens_at, on the
+    # database clock. Written only by claims of rate-limited queues, under this row's lock.
+    Column("rate_tokens", Double, nullable=True),
+    Column("rate_tokens_at", DateTime(timezone=True), nullable=True),
     CheckConstraint("concurrency_limit IS NULL OR concurrency_limit >= 0", name="concurrency_limit_valid"),
     CheckConstraint("rate_limit_per_s IS NULL OR rate_limit_per_s > 0", name="rate_limit_valid"),
 )

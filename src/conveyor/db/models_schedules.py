@@ -1,4 +1,5 @@
-"""Tables of the scheduler (schedules, their runs, leader leases). Schema changes go with migration 0003.
+"""Tables of the scheduler (schedules, their runs, leader leases, scheduler processes). Schema changes go with
+migrations 0003 and 0006 (``conveyor_scheduler_processes``).
 
 What makes a tick impossible to lose or double is in the constraints, not in application code:
 ``conveyor_schedule_runs`` holds one row per (schedule, fire time), the task of each run carries the
@@ -103,4 +104,31 @@ leases = Table(
     Column("acquired_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("renewed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     CheckConstraint("fencing_token >= 1", name="fencing_token_valid"),
+)
+
+# One row per running scheduler process, written by the process itself once per lease cycle (on the
+# database clock) and deleted when it stops gracefully, so that any process (the API) can tell which
+# schedulers run, which one leads, and whose clock is off. A row that is no longer refreshed belongs to a
+# process that was killed or cut off: it is reported stale, and the leader deletes it after
+# ``scheduler.stale_retention_s``.
+scheduler_processes = Table(
+    "conveyor_scheduler_processes",
+    metadata,
+    # The process's lease holder name (host:pid:random), as it appears in conveyor_leases.holder.
+    Column("id", Text, primary_key=True),
+    Column("host", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("last_seen_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # Not seen for longer than this, the process is stale (it set it from its own lease cycle).
+    Column("stale_after_s", Double, nullable=False),
+    # Whether it held the leader lease at its last report, and under which fencing token.
+    Column("is_leader", Boolean, nullable=False, server_default=text("false")),
+    Column("fencing_token", BigInteger, nullable=True),
+    # The database clock minus this process's host clock at its last measurement (NULL: not measured yet).
+    Column("clock_skew_s", Double, nullable=True),
+    # Set while the skew is beyond the process's max_clock_skew_s.
+    Column("warning", Text, nullable=True),
+    CheckConstraint("NOT is_leader OR fencing_token IS NOT NULL", name="leader_has_token"),
+    CheckConstraint("stale_after_s > 0", name="stale_after_valid"),
 )

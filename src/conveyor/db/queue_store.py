@@ -9,15 +9,17 @@ Statistics must stay cheap at millions of rows (a dashboard that times out is no
 * the queries run concurrently, each on its own pooled connection.
 
 A pause is a row in ``conveyor_queues``: it survives restarts, and the claim statement leaves paused
-queues out, so every worker honours it at its next claim.
+queues out, so every worker honours it at its next claim. Limits live on the same row; workers enforce
+them together (:mod:`conveyor.db.limit_sql`) and notice a change within about a second.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import func
 from sqlalchemy.dialects.postgresql import insert
@@ -27,6 +29,14 @@ from conveyor.core.states import TaskState
 from conveyor.db.errors import translate_errors
 from conveyor.db.executors import Row, execute_async
 from conveyor.db.models import queues
+
+
+class _Keep(enum.Enum):
+    KEEP = "keep"
+
+
+#: For :meth:`QueueStore.set_limits`: leave this limit as it is.
+KEEP: Final = _Keep.KEEP
 
 #: Seconds of history that "recent throughput" covers.
 THROUGHPUT_WINDOW_S = 60.0
@@ -136,8 +146,20 @@ class QueueStore:
         """Pause or resume a queue (known or not yet: a queue can be paused before its first task)."""
         await self._upsert(name, {"paused": paused})
 
-    async def set_limits(self, name: str, *, concurrency_limit: int | None, rate_limit_per_s: float | None) -> None:
-        await self._upsert(name, {"concurrency_limit": concurrency_limit, "rate_limit_per_s": rate_limit_per_s})
+    async def set_limits(
+        self,
+        name: str,
+        *,
+        concurrency_limit: int | _Keep | None = KEEP,
+        rate_limit_per_s: float | _Keep | None = KEEP,
+    ) -> None:
+        """Set the queue's limits, enforced by all workers together: at most ``concurrency_limit``
+        tasks running at once, and task starts at ``rate_limit_per_s`` on average (bursts of up to
+        max(1, rate) at once). None removes a limit; :data:`KEEP` (the default) leaves it as it is."""
+        given = {"concurrency_limit": concurrency_limit, "rate_limit_per_s": rate_limit_per_s}
+        values = {column: value for column, value in given.items() if value is not KEEP}
+        if values:
+            await self._upsert(name, values)
 
     async def purge(self, name: str, states: Sequence[TaskState], batch: int = 1000) -> int:
         """Delete the queue's tasks in ``states`` (with their history), in batches; returns how many.

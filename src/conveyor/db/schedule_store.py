@@ -10,9 +10,14 @@ Every statement the scheduler runs is here. Why a tick can be neither lost nor d
   matches and the transaction writes nothing; if a takeover comes after the check, its ``UPDATE`` waits
   on the share lock until the tick commits, so a tick and a takeover are never interleaved. A leader
   paused with SIGSTOP (or cut off by a partition) therefore cannot enqueue when it wakes up.
-* **Constraints, not checks.** Each run is a row unique on (schedule, fire time), and its task carries the
-  unique idempotency key ``schedule:<id>:<fire time>``: even two processes that both believed they led
-  could not create a tick twice (LESSONS 19).
+* **The run row is the guard.** Each run is a row unique on (schedule, fire time), and a tick inserts its
+  runs *before* it enqueues (``ON CONFLICT DO NOTHING RETURNING``): only the fire times whose row this
+  transaction inserted get a task. A transaction inserting the same row concurrently waits on the unique
+  index until the first one ends, then gets nothing back and enqueues nothing. So even a tick acting on a
+  wrong cursor (moved back by hand, or read by two processes that both believed they led) cannot create a
+  fire time twice (LESSONS 19), and this holds after the task itself has been pruned, for as long as the
+  run row stays (retention keeps every run near the cursor, see ``schedule_run_retention``). The task
+  also carries the unique idempotency key ``schedule:<id>:<fire time>``, as a second line.
 * **The cursor moves in the same transaction** as the enqueue, so a crash leaves either both or neither.
 
 A stopped or stalled process must not hold others up either (LESSONS 7): every tick transaction sets
@@ -115,23 +120,50 @@ SELECT ARRAY(SELECT id FROM conveyor_schedules WHERE enabled AND next_fire_at <=
                           - now())::float8 AS next_in_s
 """
 
-# The schedule to fire, locked against concurrent edits (pause, update) for the rest of the tick. The
-# due check is repeated under the lock: an edit that committed meanwhile is seen here.
+# The schedule to fire, locked against concurrent edits (pause, update, delete) and other ticks for the
+# rest of the tick. The due check is repeated under the lock: an edit that committed meanwhile is seen
+# here. NO KEY UPDATE, not UPDATE: the tick changes no key, and this lock leaves foreign-key checks
+# (FOR KEY SHARE) alone, so a manual trigger inserting its run does not wait for a tick in flight.
 LOCK_DUE = """
 SELECT s.*, now() AS db_now FROM conveyor_schedules s
 WHERE s.id = %(id)s AND s.enabled AND s.next_fire_at <= now()
-FOR UPDATE
+FOR NO KEY UPDATE
 """
 
-RECORD_RUNS = """
-INSERT INTO conveyor_schedule_runs (schedule_id, fire_at, task_id, kind, fencing_token)
-SELECT %(id)s, r.fire_at, r.task_id, %(kind)s, %(token)s
-FROM unnest(%(fire_ats)s::timestamptz[], %(task_ids)s::bigint[]) AS r(fire_at, task_id)
+# A tick's runs, claimed before anything is enqueued: the rows returned are the fire times this
+# transaction may enqueue, and no others (a fire time that already has a run was enqueued once already).
+# In fire-time order, so that two transactions claiming overlapping ranges wait on each other's index
+# entries in the same order and cannot deadlock. task_id stays NULL until the tasks exist (LINK_RUNS, in
+# the same transaction: no one else ever sees it NULL before the task is pruned).
+CLAIM_RUNS = """
+INSERT INTO conveyor_schedule_runs (schedule_id, fire_at, kind, fencing_token)
+SELECT %(id)s, f.fire_at, 'schedule', %(token)s
+FROM unnest(%(fire_ats)s::timestamptz[]) AS f(fire_at)
+ORDER BY f.fire_at
 ON CONFLICT (schedule_id, fire_at) DO NOTHING
-RETURNING fire_at, enqueued_at
+RETURNING id, fire_at
 """
 
-ADVANCE = """
+# A manual run, keyed by the moment the statement runs (to the microsecond). Nothing returned: a run
+# already has that exact fire time, and the caller tries again at the next moment.
+CLAIM_MANUAL_RUN = """
+INSERT INTO conveyor_schedule_runs (schedule_id, fire_at, kind, fencing_token)
+VALUES (%(id)s, clock_timestamp(), 'manual', NULL)
+ON CONFLICT (schedule_id, fire_at) DO NOTHING
+RETURNING id, fire_at, enqueued_at
+"""
+
+LINK_RUNS = """
+UPDATE conveyor_schedule_runs r SET task_id = l.task_id
+FROM unnest(%(run_ids)s::bigint[], %(task_ids)s::bigint[]) AS l(run_id, task_id)
+WHERE r.id = l.run_id
+"""
+
+# Links the tick's runs to their tasks and moves the cursor in one statement (a data-modifying WITH runs
+# to completion whether or not the outer statement reads it). The cursor passes every fire time the tick
+# dealt with, claimed or found already run; last_fire_at only ever moves forward.
+ADVANCE = f"""
+WITH linked AS ({LINK_RUNS})
 UPDATE conveyor_schedules
 SET next_fire_at = %(next_fire_at)s, last_fire_at = GREATEST(last_fire_at, %(last_fire_at)s::timestamptz)
 WHERE id = %(id)s
@@ -187,6 +219,9 @@ class Firing:
 
 @dataclass(frozen=True)
 class FireResult:
+    """What one tick did for one schedule: ``fire_times`` were enqueued (as ``task_ids`` on ``queues``),
+    ``already_run`` were due but had a run already and were not enqueued again."""
+
     schedule: ScheduleRecord
     db_now: datetime
     fire_times: tuple[datetime, ...]
@@ -194,6 +229,7 @@ class FireResult:
     queues: tuple[str, ...]
     next_fire_at: datetime
     missed: bool
+    already_run: tuple[datetime, ...] = ()
 
 
 @dataclass
@@ -264,7 +300,8 @@ class ScheduleStore:
         self, schedule_id: int, fence: Fence, decide: Decide, limits: TransactionLimits
     ) -> FireResult | None:
         """Enqueue what ``decide`` says is due for one schedule and move its cursor, all in one fenced
-        transaction. ``None`` if it is no longer due; :class:`LeadershipLost` if the fence fails."""
+        transaction. Only the fire times whose run this transaction records are enqueued (see the module
+        docstring). ``None`` if it is no longer due; :class:`LeadershipLost` if the fence fails."""
         async with self._transaction() as conn:
             await self._limit(conn, limits)
             fenced = await execute_async(
@@ -278,26 +315,23 @@ class ScheduleStore:
             record = record_from_row(rows[0])
             now: datetime = rows[0]["db_now"]
             firing = decide(record, now)
-            fire_times = firing.due.fire_times
-            task_ids = await _enqueue(conn, firing.requests)
-            if fire_times:
-                await execute_async(
-                    conn,
-                    RECORD_RUNS,
-                    {
-                        "id": schedule_id,
-                        "kind": "schedule",
-                        "token": fence.token,
-                        "fire_ats": list(fire_times),
-                        "task_ids": task_ids,
-                    },
-                )
+            due = firing.due
+            run_ids: dict[datetime, int] = {}
+            if due.fire_times:
+                params = {"id": schedule_id, "token": fence.token, "fire_ats": list(due.fire_times)}
+                run_ids = {r["fire_at"]: int(r["id"]) for r in await execute_async(conn, CLAIM_RUNS, params)}
+            claimed = [i for i, fire_at in enumerate(due.fire_times) if fire_at in run_ids]
+            fire_times = tuple(due.fire_times[i] for i in claimed)
+            requests = [firing.requests[i] for i in claimed]
+            task_ids = await _enqueue(conn, requests)
             await execute_async(
                 conn,
                 ADVANCE,
                 {
                     "id": schedule_id,
-                    "next_fire_at": firing.due.next_fire_at,
+                    "run_ids": [run_ids[fire_at] for fire_at in fire_times],
+                    "task_ids": task_ids,
+                    "next_fire_at": due.next_fire_at,
                     "last_fire_at": fire_times[-1] if fire_times else None,
                 },
             )
@@ -306,21 +340,14 @@ class ScheduleStore:
             db_now=now,
             fire_times=fire_times,
             task_ids=tuple(task_ids),
-            queues=tuple(r.queue for r in firing.requests),
-            next_fire_at=firing.due.next_fire_at,
-            missed=firing.due.missed,
+            queues=tuple(r.queue for r in requests),
+            next_fire_at=due.next_fire_at,
+            missed=due.missed,
+            already_run=tuple(f for f in due.fire_times if f not in run_ids),
         )
 
     async def _limit(self, conn: AsyncConnection, limits: TransactionLimits) -> None:
-        await execute_async(
-            conn,
-            LIMIT_TRANSACTION,
-            {
-                "lock": _ms(limits.lock_timeout_s),
-                "statement": _ms(limits.statement_timeout_s),
-                "idle": _ms(limits.idle_timeout_s),
-            },
-        )
+        await limit_transaction(conn, limits)
 
     # -- code-declared schedules -----------------------------------------------------------------
 
@@ -450,23 +477,18 @@ class ScheduleStore:
 
     async def trigger(self, schedule_id: int, build: BuildRequest) -> ScheduleRun:
         """Enqueue one run now, outside the cadence (needs no leader: it is not a tick). The run is keyed
-        by the trigger's own time, to the microsecond, like any other run."""
+        by the trigger's own time, to the microsecond, like any other run, and recorded before its task
+        is enqueued, like a tick's."""
         async with self._transaction() as conn:
+            # Not locked: a trigger neither waits for a tick in flight nor holds one up.
             record = record_from_row(await _locked(conn, schedule_id, lock=False))
-            while True:
-                fire_at: datetime = (await conn.execute(select(func.clock_timestamp()))).scalar_one()
-                task_ids = await _enqueue(conn, [build(record, fire_at)])
-                params = {
-                    "id": schedule_id,
-                    "kind": "manual",
-                    "token": None,
-                    "fire_ats": [fire_at],
-                    "task_ids": task_ids,
-                }
-                recorded = await execute_async(conn, RECORD_RUNS, params)
-                if recorded:  # else a run already has this exact microsecond: take the next one
-                    break
-        return ScheduleRun(schedule_id, fire_at, task_ids[0], recorded[0]["enqueued_at"], "manual", None)
+            claimed: list[Row] = []
+            while not claimed:  # empty: a run already has this exact microsecond, take the next one
+                claimed = await execute_async(conn, CLAIM_MANUAL_RUN, {"id": schedule_id})
+            run = claimed[0]
+            task_ids = await _enqueue(conn, [build(record, run["fire_at"])])
+            await execute_async(conn, LINK_RUNS, {"run_ids": [run["id"]], "task_ids": task_ids})
+        return ScheduleRun(schedule_id, run["fire_at"], task_ids[0], run["enqueued_at"], "manual", None)
 
     async def runs(self, schedule_id: int, *, limit: int = 50, before: datetime | None = None) -> list[ScheduleRun]:
         """The schedule's runs, latest fire time first, with the current state of each task."""
@@ -494,6 +516,19 @@ class ScheduleStore:
             )
             for r in rows
         ]
+
+
+async def limit_transaction(conn: AsyncConnection, limits: TransactionLimits) -> None:
+    """Apply ``limits`` to the transaction open on ``conn``, for it alone."""
+    await execute_async(
+        conn,
+        LIMIT_TRANSACTION,
+        {
+            "lock": _ms(limits.lock_timeout_s),
+            "statement": _ms(limits.statement_timeout_s),
+            "idle": _ms(limits.idle_timeout_s),
+        },
+    )
 
 
 async def _enqueue(conn: AsyncConnection, requests: Sequence[EnqueueRequest]) -> list[int]:

@@ -7,36 +7,37 @@ so a page is an index walk); JSON conditions pass the path and the values as par
 the search runs, so a bad path is the client's error (:class:`InvalidSearch`, naming the field), never
 a server error.
 
-Cost is bounded: pages stop after ``limit + 1`` rows; the count stops after :data:`COUNT_CAP` + 1
-(exact below that, "more than 10,000" above); every statement runs under a statement timeout, and a
-filter too costly to answer in time is reported as such rather than holding a connection for minutes.
+Cost is bounded by a time budget (:class:`~conveyor.db.search_walk.SearchBudget`). A filter whose
+every criterion an index answers (ids, state, queue, name, created or finished time) runs as one
+statement. Any other filter walks the sort order in bounded slices and answers when the page is full
+or the budget is spent, with a *partial* page whose cursor resumes the walk exactly where it stopped
+(see :mod:`conveyor.db.search_walk`). The count stops after :data:`COUNT_CAP` + 1 matches or at its own
+budget, and says whether it is exact.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, overload
+from functools import partial
+from typing import Any
 
-import psycopg
 import sqlalchemy.exc
 from psycopg import errors as pg_errors
-from sqlalchemy import ColumnElement, Select, Text, cast, func, literal, select, text, true, tuple_
+from sqlalchemy import ColumnElement, Select, Text, cast, func, literal, select, text, true
 from sqlalchemy.dialects.postgresql import JSONB, JSONPATH
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from conveyor.core.states import TaskState
 from conveyor.db.errors import translate_errors
 from conveyor.db.models import tasks
-from conveyor.db.task_queries import SORT_COLUMNS, Keyset, Sort
+from conveyor.db.search_walk import Run, Scanned, SearchBudget, Slicer, SortOrder, scan_count, scan_page
+from conveyor.db.task_queries import Keyset, Sort
 
 #: The count stops here: exact up to this many matches, "more than this" beyond.
 COUNT_CAP = 10_000
-#: Longest a page query may run (ms) before the search is called too costly.
-PAGE_TIMEOUT_MS = 10_000
-#: Longest the count may run (ms); past it the answer carries no count rather than no page.
-COUNT_TIMEOUT_MS = 3_000
 #: Characters of an error message a result carries (the task itself has the whole error).
 ERROR_MESSAGE_CHARS = 300
 
@@ -54,7 +55,8 @@ class InvalidSearch(ValueError):
 
 
 class SearchTooCostly(Exception):
-    """The search did not finish within :data:`PAGE_TIMEOUT_MS`: the filter needs narrowing."""
+    """Not even the first slice of the search's walk finished within
+    :data:`~conveyor.db.search_walk.PAGE_TIMEOUT_MS`: the filter needs narrowing."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,14 @@ class SearchFilter:
             *((tasks.c.kwargs, c) for c in self.kwargs),
             *((tasks.c.metadata, c) for c in self.metadata),
         ]
+
+    def needs_scan(self) -> bool:
+        """Whether some criterion has no index to answer it (a JSON condition, error text or type, a
+        worker, a start time) and no id list bounds the search: then it walks in budgeted slices."""
+        if self.ids:
+            return False
+        given = (self.started_after, self.started_before, self.error)
+        return bool(self.worker_ids or self.error_types or self.json_conditions()) or any(v is not None for v in given)
 
     def clauses(self) -> list[ColumnElement[bool]]:
         c = tasks.c
@@ -171,10 +181,11 @@ class SearchItem:
 @dataclass(frozen=True)
 class SearchPage:
     items: list[SearchItem]
-    next: Keyset | None
-    count: int | None = None  # None: not asked for, or it could not be counted in time
-    count_is_exact: bool = False
-    timings_ms: dict[str, float] = field(default_factory=dict)
+    next: Keyset | None  # None: the last page
+    count: int | None = None  # None: not asked for, or nothing could be counted in time
+    count_is_exact: bool = False  # False: count is a lower bound (the cap, or the budget, stopped it)
+    complete: bool = True  # False: the budget ran out before the page filled (resume from `next`)
+    scanned_to: Keyset | None = None  # partial pages: every task up to here in sort order was examined
 
 
 _COLUMNS = (
@@ -226,22 +237,18 @@ def _scalar(value: Any) -> bool:
     return value is None or isinstance(value, str | int | float | bool)
 
 
-def _check_sort(task_filter: SearchFilter, sort: Sort) -> list[ColumnElement[bool]]:
-    """Extra conditions the sort needs to be an index walk (see ``task_queries.SORT_COLUMNS``)."""
-    if sort.field == "run_at":
-        if not task_filter.states or not set(task_filter.states) <= _WAITING:
-            raise InvalidSearch(
-                "body.sort", "sorting by run_at needs a state filter of scheduled and/or queued (waiting tasks)"
-            )
-        return [tasks.c.state.in_([s.value for s in _WAITING])]
-    if sort.field == "finished_at":
-        return [tasks.c.finished_at.is_not(None)]
-    return []
+def _check_sort(task_filter: SearchFilter, sort: Sort) -> None:
+    """A sort by run_at walks the index of waiting tasks: the filter must ask for waiting tasks only."""
+    if sort.field == "run_at" and (not task_filter.states or not set(task_filter.states) <= _WAITING):
+        raise InvalidSearch(
+            "body.sort", "sorting by run_at needs a state filter of scheduled and/or queued (waiting tasks)"
+        )
 
 
 class SearchStore:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, budget: SearchBudget | None = None) -> None:
         self.engine = engine
+        self.budget = budget or SearchBudget()
 
     async def validate(self, task_filter: SearchFilter) -> None:
         """Have the database parse every JSON path (with its variables) before the search runs.
@@ -271,90 +278,135 @@ class SearchStore:
     ) -> SearchPage:
         """One page of matches in ``sort`` order after ``after``, and (``count``) how many match.
 
-        Raises :class:`InvalidSearch` for a filter the database rejects and :class:`SearchTooCostly`
-        when the page cannot be found within :data:`PAGE_TIMEOUT_MS`."""
-        extra = _check_sort(task_filter, sort)
+        Within the budget: a page may be partial (``complete`` False, ``next`` resumes the walk) and
+        the count a lower bound. Raises :class:`InvalidSearch` for a filter the database rejects and
+        :class:`SearchTooCostly` when not even one slice of the walk finishes in time."""
+        _check_sort(task_filter, sort)
         await self.validate(task_filter)
-        where = [*task_filter.clauses(), *extra]
-        column = SORT_COLUMNS[sort.field]
-        query = select(*_COLUMNS).where(*where)
-        if after is not None:
-            query = query.where(_after(column, sort, after))
-        order = [column.desc(), tasks.c.id.desc()] if sort.descending else [column.asc(), tasks.c.id.asc()]
-        query = query.order_by(*(order[1:] if sort.field == "id" else order)).limit(limit + 1)
+        order = SortOrder(sort)
+        where = [*task_filter.clauses(), *order.domain()]
+        with translate_errors():
+            async with self.engine.connect() as conn:
+                return await self._search(
+                    partial(_run, conn),
+                    partial(_run, conn, walk=True),
+                    task_filter,
+                    order,
+                    where,
+                    limit,
+                    after,
+                    count=count,
+                )
 
-        rows = _outcome(await self._attempt(query, PAGE_TIMEOUT_MS), too_costly=True)
-        counted: tuple[int | None, bool] = (None, False)
-        if count and after is None and len(rows) <= limit:
-            counted = (len(rows), True)  # the first page holds every match
-        elif count:
-            capped = select(literal(1)).select_from(tasks).where(*where).limit(COUNT_CAP + 1).subquery()
-            found = _outcome(await self._attempt(select(func.count().label("n")).select_from(capped), COUNT_TIMEOUT_MS))
-            if found is not None:
-                n = int(found[0]["n"])
-                counted = (COUNT_CAP, False) if n > COUNT_CAP else (n, True)
-        items = [_item(row) for row in rows[:limit]]
+    async def _search(
+        self,
+        run: Run,
+        walk: Run,
+        task_filter: SearchFilter,
+        order: SortOrder,
+        where: list[ColumnElement[bool]],
+        limit: int,
+        after: Keyset | None,
+        *,
+        count: bool,
+    ) -> SearchPage:
+        slicer = Slicer(self.budget, self.budget.page_s, guaranteed=True)
+        scanned = None
+        if not task_filter.needs_scan():
+            # One statement: the planner finds the page through an index. Should it still take more
+            # than the budget, the walk takes over (with its one guaranteed slice).
+            query = select(*_COLUMNS).where(*where, *order.between(after, None))
+            rows = await run(query.order_by(*order.order_by()).limit(limit + 1), _ms(self.budget.page_s))
+            if rows is not None:
+                scanned = Scanned(rows, complete=True, ended=len(rows) <= limit)
+        if scanned is None:
+            scanned = await scan_page(walk, order, _COLUMNS, where, limit=limit, after=after, slicer=slicer)
+            if not scanned.complete and scanned.examined == 0:
+                raise SearchTooCostly
+        counted = None
+        if count:
+            counted = await self._count(run, walk, order, where, after, limit, scanned, walked=slicer.slices > 0)
+            if after is None and not scanned.complete and counted == (len(scanned.rows), True):
+                # The count went on from where the page stopped to the end and found nothing more: the
+                # page holds every match after all.
+                scanned = Scanned(scanned.rows, complete=True, ended=True, examined=scanned.examined)
         next_key = None
-        if len(rows) > limit:
-            last = items[-1]
-            next_key = Keyset(getattr(last, sort.field), last.id)
-        return SearchPage(items, next_key, count=counted[0], count_is_exact=counted[1])
+        if len(scanned.rows) > limit:
+            next_key = order.key(scanned.rows[limit - 1])
+        elif not scanned.complete:
+            next_key = scanned.stopped_at
+        return SearchPage(
+            [_item(row) for row in scanned.rows[:limit]],
+            next_key,
+            count=None if counted is None else counted[0],
+            count_is_exact=counted is not None and counted[1],
+            complete=scanned.complete,
+            scanned_to=None if scanned.complete else scanned.stopped_at,
+        )
 
-    async def _attempt(self, query: Select[Any], timeout_ms: int) -> list[dict[str, Any]] | _Cancelled:
-        try:
-            return await self._rows(query, timeout_ms)
-        except _Cancelled as cancelled:
-            return cancelled
+    async def _count(
+        self,
+        run: Run,
+        walk: Run,
+        order: SortOrder,
+        where: list[ColumnElement[bool]],
+        after: Keyset | None,
+        limit: int,
+        scanned: Scanned,
+        *,
+        walked: bool,
+    ) -> tuple[int, bool] | None:
+        """The count: exact up to COUNT_CAP, else a lower bound; None if nothing could be counted."""
+        first_page = after is None and len(scanned.rows) <= limit
+        if first_page and scanned.complete:
+            return len(scanned.rows), True  # the first page holds every match
+        slicer = Slicer(self.budget, self.budget.count_s, guaranteed=False)
+        if first_page:
+            # The walk found every match up to where it stopped: count on from there.
+            return await scan_count(
+                walk, order, where, start=scanned.stopped_at, counted=len(scanned.rows), cap=COUNT_CAP, slicer=slicer
+            )
+        if walked:
+            return await scan_count(walk, order, where, start=None, counted=0, cap=COUNT_CAP, slicer=slicer)
+        capped = select(literal(1)).select_from(tasks).where(*where).limit(COUNT_CAP + 1).subquery()
+        found = await run(select(func.count().label("n")).select_from(capped), _ms(self.budget.count_s))
+        if found is None:
+            return None
+        n = int(found[0]["n"])
+        return (COUNT_CAP, False) if n > COUNT_CAP else (n, True)
 
-    async def _rows(self, query: Select[Any], timeout_ms: int) -> list[dict[str, Any]]:
-        """Run ``query`` in a transaction of its own under a statement timeout."""
-        try:
-            async with self.engine.connect() as conn, conn.begin():
-                # set_config(..., true): for this transaction only, and the value is a bound parameter.
-                await conn.execute(text("SELECT set_config('statement_timeout', :ms, true)"), {"ms": str(timeout_ms)})
-                return [dict(row) for row in (await conn.execute(query)).mappings()]
-        except sqlalchemy.exc.DBAPIError as exc:
-            if isinstance(exc.orig, pg_errors.QueryCanceled):
-                raise _Cancelled from None
-            if isinstance(exc.orig, REJECTED_INPUT):
-                # What only evaluation can reject: a like_regex pattern the database cannot compile, a
-                # path variable missing from `vars`. Our own SQL is fixed and tested; the filter is not.
-                raise InvalidSearch("body.filter", first_line(exc.orig)) from None
-            with translate_errors():
-                raise
-        except (psycopg.Error, OSError):
-            with translate_errors():
-                raise
+
+async def _run(
+    conn: AsyncConnection, query: Select[Any], timeout_ms: int, *, walk: bool = False
+) -> list[dict[str, Any]] | None:
+    """Run ``query`` in a transaction of its own under a statement timeout; None if it ran into it.
+
+    ``walk``: a slice of a budgeted walk, run with sequential scans off (see ``search_walk.scan_page``)."""
+    try:
+        async with conn.begin():
+            # set_config(..., true): for this transaction only, and the values are bound parameters.
+            await conn.execute(
+                text("SELECT set_config('statement_timeout', :ms, true), set_config('enable_seqscan', :seq, true)"),
+                {"ms": str(timeout_ms), "seq": "off" if walk else "on"},
+            )
+            return [dict(row) for row in (await conn.execute(query)).mappings()]
+    except sqlalchemy.exc.DBAPIError as exc:
+        if isinstance(exc.orig, pg_errors.QueryCanceled):
+            return None
+        if isinstance(exc.orig, REJECTED_INPUT):
+            # What only evaluation can reject: a like_regex pattern the database cannot compile, a
+            # path variable missing from `vars`. Our own SQL is fixed and tested; the filter is not.
+            raise InvalidSearch("body.filter", first_line(exc.orig)) from None
+        raise
+
+
+def _ms(seconds: float) -> int:
+    # Never 0: a statement_timeout of 0 means no timeout at all.
+    return max(1, math.ceil(seconds * 1000))
 
 
 #: Errors that evaluating a client's JSON path or pattern can raise.
 REJECTED_INPUT = (pg_errors.DataError, pg_errors.SyntaxError, pg_errors.UndefinedObject)
-
-
-class _Cancelled(Exception):
-    """A statement ran into its statement timeout."""
-
-
-@overload
-def _outcome(found: list[dict[str, Any]] | _Cancelled, *, too_costly: Literal[True]) -> list[dict[str, Any]]: ...
-@overload
-def _outcome(found: list[dict[str, Any]] | _Cancelled) -> list[dict[str, Any]] | None: ...
-def _outcome(found: list[dict[str, Any]] | _Cancelled, *, too_costly: bool = False) -> list[dict[str, Any]] | None:
-    """The rows; for a statement that timed out, :class:`SearchTooCostly` (the page) or None (the count,
-    which the answer can do without)."""
-    if not isinstance(found, _Cancelled):
-        return found
-    if too_costly:
-        raise SearchTooCostly from None
-    return None
-
-
-def _after(column: Any, sort: Sort, after: Keyset) -> ColumnElement[bool]:
-    if sort.field == "id":
-        return tasks.c.id < after.id if sort.descending else tasks.c.id > after.id
-    if sort.descending:
-        return tuple_(column, tasks.c.id) < tuple_(after.value, after.id)
-    return tuple_(column, tasks.c.id) > tuple_(after.value, after.id)
 
 
 def _item(row: dict[str, Any]) -> SearchItem:

@@ -2,8 +2,10 @@
 scrape time (so they are right whichever process did the work).
 
 Each API app has its own registry (not the process-global one), so several apps in one process (tests,
-``conveyor up``) never collide. Labels are bounded: routes are route names (``get_task``, the OpenAPI
-operationId; never the raw path), queue names are those that exist, states are the fixed set.
+``conveyor up``) never collide. Labels are bounded: routes are path templates
+(``/api/v1/tasks/{task_id}``; never the raw path, and ``unmatched`` for any path no route serves),
+methods are the standard ones (others count as ``OTHER``), queue names are those that exist, states
+are the fixed set.
 """
 
 from __future__ import annotations
@@ -75,13 +77,13 @@ class ApiMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "conveyor_api_requests",
-            "HTTP requests answered, by method, route (its name) and status.",
+            "HTTP requests answered, by method, route (its path template) and status.",
             ["method", "route", "status"],
             registry=self.registry,
         )
         self.latency = Histogram(
             "conveyor_api_request_duration_seconds",
-            "Seconds to answer an HTTP request, by method and route (its name).",
+            "Seconds to answer an HTTP request, by method and route (its path template).",
             ["method", "route"],
             buckets=_LATENCY_BUCKETS_S,
             registry=self.registry,

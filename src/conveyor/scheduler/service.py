@@ -11,14 +11,22 @@ Three things run side by side on one event loop:
   the next fire time is due, at most a tick;
 * the **clock check** piggybacks on every lease statement: it compares this host's wall clock with the
   server's and warns (log and :meth:`Scheduler.health`) when they are further apart than
-  ``max_clock_skew_s``. Nothing the scheduler decides reads the local wall clock.
+  ``max_clock_skew_s``. Nothing the scheduler decides reads the local wall clock;
+* after each lease statement the process **reports itself** in ``conveyor_scheduler_processes`` (one
+  short statement, see :mod:`conveyor.db.scheduler_process_store`): leadership, fencing token, skew and
+  its warning, so that the API, in another process, can show them (``GET /api/v1/scheduler``);
+* the **retention loop**, while this process leads, prunes old schedule runs and the rows of scheduler
+  processes that vanished, at most once per ``retention_interval_s``, in small batches of their own
+  short transactions (:mod:`conveyor.db.schedule_run_retention`): never inside a tick's transaction,
+  and nothing a tick waits for.
 
 The local estimate is an optimisation, never the guarantee: the fence in the database is. A process
 that was frozen (SIGSTOP, a long GC pause, a VM migration) wakes up with its monotonic clock past the
 term's end and stops itself before it writes; and if it did try, the fence would refuse it.
 
 Every loop logs a database error and carries on; SIGTERM stops ticking, lets the transaction in flight
-commit, and releases the lease so that a standby takes over at its next poll instead of after expiry.
+commit, releases the lease so that a standby takes over at its next poll instead of after expiry, and
+deletes this process's row.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from conveyor.app import App
 from conveyor.config import SchedulerSettings
 from conveyor.core.schedule import due_fire_times
 from conveyor.core.schedule_records import LeadershipLost, ScheduleRecord
+from conveyor.db.schedule_run_retention import RunPruneReport
 from conveyor.db.schedule_store import (
     LEADER_LEASE,
     Fence,
@@ -48,7 +57,9 @@ from conveyor.db.schedule_store import (
     ScheduleStore,
     TransactionLimits,
 )
+from conveyor.db.scheduler_process_store import SchedulerProcessStore
 from conveyor.errors import ConveyorError, DatabaseError
+from conveyor.scheduler.retention import retention_pass
 from conveyor.scheduler.runs import build_run_request
 from conveyor.scheduler.sync import sync_code_schedules
 
@@ -62,6 +73,9 @@ RUNS_PER_TRANSACTION = 1000
 _ERROR_LOG_INTERVAL_S = 60.0
 _SKEW_REMINDER_S = 300.0
 _RUNS_LOGGED_ONE_BY_ONE = 5
+# A process row not refreshed for this many leases is stale: a healthy process refreshes it several
+# times per lease, and even one whose statements all run into their timeouts once per lease.
+_STALE_AFTER_LEASES = 2.0
 
 
 @dataclass
@@ -82,6 +96,7 @@ class SchedulerHealth:
     max_clock_skew_s: float
     database_ok: bool  # whether the last lease statement reached the database
     enqueued: int  # runs enqueued by this process since it started
+    clock_warning: str | None = None  # set while the skew is beyond the limit (also in its database row)
 
 
 class Scheduler:
@@ -105,7 +120,9 @@ class Scheduler:
         self.app = app
         self.settings = settings or app.settings.scheduler
         self.sync = sync
-        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.holder = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:12]}"
         self.lease_s = self.settings.leader_lease_s
         self.tick_s = self.settings.tick_interval_s
         # Several renewals per lease, so one slow or failed renewal does not cost the leadership.
@@ -116,6 +133,11 @@ class Scheduler:
             statement_timeout_s=max(0.1, self.lease_s / 2),
             idle_timeout_s=max(0.1, self.lease_s / 2),
         )
+        # Reporting this process's row happens between two renewals and must never delay the next one.
+        report_s = min(max(0.2, self.renew_interval_s / 2), self.lease_s / 4)
+        self.report_limits = TransactionLimits(
+            lock_timeout_s=report_s / 2, statement_timeout_s=report_s, idle_timeout_s=report_s
+        )
         self._wall_clock = wall_clock
         self._term: _Term | None = None
         self._standing_by_for: str | None = None  # the leader last reported, so it is logged once
@@ -124,7 +146,9 @@ class Scheduler:
         self._abort = asyncio.Event()
         self._leadership_changed = asyncio.Event()
         self.skew_s: float | None = None
+        self.clock_warning: str | None = None
         self._skew_warned_at: float | None = None
+        self._report_failed_at: float | None = None
         self._database_ok = False
         self.enqueued = 0
         self._error_logged: dict[tuple[int, str], float] = {}
@@ -136,6 +160,10 @@ class Scheduler:
         if self._store is None:
             self._store = ScheduleStore(self.app.runtime().engine)
         return self._store
+
+    @property
+    def processes(self) -> SchedulerProcessStore:
+        return SchedulerProcessStore(self.app.runtime().engine)
 
     @property
     def leading(self) -> bool:
@@ -164,6 +192,7 @@ class Scheduler:
             max_clock_skew_s=self.settings.max_clock_skew_s,
             database_ok=self._database_ok,
             enqueued=self.enqueued,
+            clock_warning=self.clock_warning,
         )
 
     # -- control ---------------------------------------------------------------------------------
@@ -201,9 +230,10 @@ class Scheduler:
             return
         leader = asyncio.create_task(self._leader_loop(), name="scheduler-leader")
         ticker = asyncio.create_task(self._tick_loop(), name="scheduler-ticks")
+        retention = asyncio.create_task(self._retention_loop(), name="scheduler-retention")
         stopped = asyncio.create_task(self._stop.wait(), name="scheduler-stop")
         try:
-            done, _ = await asyncio.wait({leader, ticker, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({leader, ticker, retention, stopped}, return_when=asyncio.FIRST_COMPLETED)
             for finished in done - {stopped}:
                 if not finished.cancelled() and finished.exception() is not None:
                     log.error("scheduler loop %s died: %r; stopping", finished.get_name(), finished.exception())
@@ -211,7 +241,7 @@ class Scheduler:
                     log.error("scheduler loop %s ended unexpectedly; stopping", finished.get_name())
                 self.request_stop()
         finally:
-            await self._shutdown(leader, ticker, stopped)
+            await self._shutdown(leader, ticker, retention, stopped)
 
     async def _sync_until_done(self) -> bool:
         while not self._stop.is_set():
@@ -224,10 +254,16 @@ class Scheduler:
         return False
 
     async def _shutdown(
-        self, leader: asyncio.Task[None], ticker: asyncio.Task[None], stopped: asyncio.Task[bool]
+        self,
+        leader: asyncio.Task[None],
+        ticker: asyncio.Task[None],
+        retention: asyncio.Task[None],
+        stopped: asyncio.Task[bool],
     ) -> None:
         self._stop.set()
         stopped.cancel()
+        # A retention batch in flight is simply rolled back: the next leader's pass deletes it again.
+        retention.cancel()
         # Both loops see the stop at once; a tick or renewal in flight is let finish (both are bounded),
         # so that the lease released below is the one really held, unless told to abort.
         abort = asyncio.create_task(self._abort.wait())
@@ -241,8 +277,9 @@ class Scheduler:
             pending.discard(abort)
         for task in (leader, ticker, abort):
             task.cancel()
-        await asyncio.gather(leader, ticker, stopped, abort, return_exceptions=True)
+        await asyncio.gather(leader, ticker, retention, stopped, abort, return_exceptions=True)
         await self._release()
+        await self._withdraw()
         log.info("scheduler %s stopped after enqueueing %d runs", self.holder, self.enqueued)
 
     async def _release(self) -> None:
@@ -258,12 +295,51 @@ class Scheduler:
         if released:
             log.info("released the leader lease (token %d): a standby can take over now", term.token)
 
+    async def _withdraw(self) -> None:
+        try:
+            async with asyncio.timeout(self.report_limits.statement_timeout_s * 2):
+                await self.processes.withdraw(self.holder, limits=self.report_limits)
+        except (DatabaseError, TimeoutError) as exc:
+            log.warning(
+                "could not remove this scheduler's process row (%s); it will be listed as stale", _describe(exc)
+            )
+
     # -- leadership ------------------------------------------------------------------------------
 
     async def _leader_loop(self) -> None:
         while not self._stop.is_set():
             await self.renew_once()
-            await _wait(self._stop, self.renew_interval_s)
+            reported_from = time.monotonic()
+            await self.report_presence()
+            # The report's time comes out of the wait, so renewals keep their cadence.
+            await _wait(self._stop, max(0.0, self.renew_interval_s - (time.monotonic() - reported_from)))
+
+    async def report_presence(self) -> bool:
+        """Write this process's row (leadership, skew, warning); False if the database did not take it.
+
+        Bounded by :attr:`report_limits` on the server and on this side; a failure is logged (at most
+        every few minutes) and the next cycle tries again."""
+        try:
+            async with asyncio.timeout(self.report_limits.statement_timeout_s * 2):
+                await self.processes.report(
+                    self.holder,
+                    host=self.host,
+                    pid=self.pid,
+                    stale_after_s=_STALE_AFTER_LEASES * self.lease_s,
+                    leading=self.leading,
+                    fencing_token=self.fencing_token,
+                    clock_skew_s=self.skew_s,
+                    warning=self.clock_warning,
+                    limits=self.report_limits,
+                )
+        except (DatabaseError, TimeoutError) as exc:
+            now = time.monotonic()
+            if self._report_failed_at is None or now - self._report_failed_at >= _SKEW_REMINDER_S:
+                log.warning("could not report this scheduler's health to the database (%s); retrying", _describe(exc))
+                self._report_failed_at = now
+            return False
+        self._report_failed_at = None
+        return True
 
     async def renew_once(self) -> bool:
         """One acquire-or-renew; returns whether this process leads afterwards."""
@@ -315,10 +391,15 @@ class Scheduler:
         limit = self.settings.max_clock_skew_s + (wall_after - wall_before) / 2
         now = time.monotonic()
         if abs(skew) <= limit:
+            self.clock_warning = None
             if self._skew_warned_at is not None:
                 log.info("clock skew back within limits: this host is %+.3f s off the database", -skew)
                 self._skew_warned_at = None
             return
+        self.clock_warning = (
+            f"clock skew: the clock of host {self.host} is {-skew:+.3f} s off the database's (limit "
+            f"{self.settings.max_clock_skew_s:g} s); fire times use the database clock, but fix NTP on this host"
+        )
         if self._skew_warned_at is None or now - self._skew_warned_at >= _SKEW_REMINDER_S:
             log.warning(
                 "clock skew: this host's clock is %+.3f s off the database's (limit %.1f s); fire times use the "
@@ -327,6 +408,35 @@ class Scheduler:
                 self.settings.max_clock_skew_s,
             )
             self._skew_warned_at = now
+
+    # -- retention -------------------------------------------------------------------------------
+
+    async def _retention_loop(self) -> None:
+        while not self._stop.is_set():
+            if not self.leading:
+                await _wait(self._stop, self.renew_interval_s)
+                continue
+            try:
+                await self.prune_once()
+            except (DatabaseError, TimeoutError) as exc:
+                log.warning(
+                    "retention pass failed (%s); retrying in %.0f s",
+                    _describe(exc),
+                    self.settings.retention_interval_s,
+                )
+            await _wait(self._stop, self.settings.retention_interval_s)
+
+    async def prune_once(self) -> RunPruneReport | None:
+        """One retention pass (:func:`~conveyor.scheduler.retention.retention_pass`) if this process leads;
+        ``None`` otherwise."""
+        if not self.leading:
+            return None
+        return await retention_pass(
+            self.app.runtime().engine,
+            self.settings,
+            self.limits,
+            proceed=lambda: self.leading and not self._stop.is_set(),
+        )
 
     # -- ticks -----------------------------------------------------------------------------------
 
@@ -393,6 +503,16 @@ class Scheduler:
     def _report(self, result: FireResult) -> None:
         self.enqueued += len(result.fire_times)
         definition = result.schedule.definition
+        if result.already_run:
+            # A tick meets runs it should not see only when the cursor was put back (by hand, or acted on
+            # from a stale view); their rows kept those fire times out, but it is worth a look.
+            log.warning(
+                "schedule %s: %d due fire times (%s .. %s) already had a run; not enqueued again",
+                definition.name,
+                len(result.already_run),
+                result.already_run[0].isoformat(),
+                result.already_run[-1].isoformat(),
+            )
         if result.missed:
             log.info(
                 "schedule %s was behind (cursor %s, now %s): misfire=%s enqueued %d runs",
@@ -446,6 +566,11 @@ def _expected(exc: Exception) -> bool:
     # Errors a schedule's definition or the database can cause (an unknown task, arguments too large, a
     # lost connection) need no traceback; anything else is a bug and keeps it.
     return isinstance(exc, ConveyorError | ValueError | TimeoutError)
+
+
+def _describe(exc: Exception) -> str:
+    # A TimeoutError says nothing by itself.
+    return str(exc) or type(exc).__name__
 
 
 async def _wait(event: asyncio.Event, timeout_s: float) -> None:

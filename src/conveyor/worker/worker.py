@@ -1,8 +1,12 @@
 """The worker: claims tasks in batches under leases, runs them, keeps the leases alive, rescues what
 dead workers left behind, and shuts down without losing anything.
 
-Side loops (listener, heartbeat, rescuer, acks) each log and carry on after an error; if one of them
-dies anyway the supervisor in :meth:`Worker.run` stops the worker rather than run on half-blind.
+Side loops (listener, heartbeat, rescuer, acks, limits) each log and carry on after an error; if one of
+them dies anyway the supervisor in :meth:`Worker.run` stops the worker rather than run on half-blind.
+
+Queues with a concurrency or rate limit are claimed apart, by a claim that enforces the limit across
+all workers (:mod:`conveyor.db.limit_sql`); :mod:`conveyor.core.queue_limits` keeps which queues those
+are and when each is worth asking again.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from dataclasses import dataclass
 from conveyor.app import App
 from conveyor.config import WorkerSettings
 from conveyor.core.context import TaskContext
+from conveyor.core.queue_limits import LimitGates
 from conveyor.core.records import ClaimedTask
+from conveyor.core.states import TaskState
 from conveyor.errors import DatabaseError
 from conveyor.worker.acks import AckBuffer
 from conveyor.worker.debug import answer_debug_requests
@@ -32,11 +38,16 @@ from conveyor.worker.process_pool import ProcessPool
 
 log = logging.getLogger("conveyor.worker")
 
+#: Longest time between re-reads of which queues have limits: a limit set over the API (or removed)
+#: reaches every worker within about this long.
+LIMITS_REFRESH_S = 1.0
+
 
 @dataclass
 class _Lease:
     token: str
     renewed_at: float  # monotonic time the last successful renewal was *sent*
+    queue: str
 
 
 class Worker:
@@ -63,6 +74,7 @@ class Worker:
         self.burst = burst
         self.app_ref = app_ref or self.settings.app
         self.lease_s = self.settings.lease_timeout_s
+        self.gates = LimitGates(self.queues)
 
         self.executions: dict[int, Execution] = {}
         self.leases: dict[int, _Lease] = {}
@@ -134,6 +146,7 @@ class Worker:
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._rescue_loop(), name="rescuer"),
             asyncio.create_task(self.acks.run(), name="acks"),
+            asyncio.create_task(self._limits_loop(), name="limits"),
         }
         log.info(
             "worker %s (%s) started on queues %s, concurrency %d", self.name, self.id, self.queues, self.concurrency
@@ -187,29 +200,85 @@ class Worker:
             self._wakeup.clear()
             want = min(free, self.batch_size)
             try:
-                claimed = await self.store.claim(self.id, self.queues, want, self.lease_s)
+                claimed = await self._claim(want)
             except DatabaseError as exc:
                 log.warning("claim failed (%s); retrying in %.2f s", exc, poll_s)
                 await _wait_any(self._stop, timeout_s=poll_s)
+                continue
+            if claimed is None:
+                # Every queue is held back by its limits: nothing to ask the database until the first
+                # is due again (or one of our own tasks frees a concurrency slot, which wakes us).
+                await _wait_any(self._wakeup, self._stop, timeout_s=self._limits_wait_s(poll_s))
                 continue
             for task in claimed:
                 self._start(task)
             backlog = len(claimed) == want
             if backlog:
                 continue  # there may be more waiting
-            if self.burst and not claimed and not self.executions and not self.leases:
+            if self.burst and not claimed and not self.executions and not self.leases and not self.gates.holding_back:
                 # (`leases` also holds outcomes still being written: one may release workflow steps.)
                 due_in = await self.store.next_due_in_s(self.queues)
                 if due_in is None or due_in > poll_s:
                     log.info("burst worker %s: queues drained, exiting", self.name)
                     return
-            wait_s = poll_s
+            if self._wakeup.is_set():
+                continue  # notified while claiming: what woke us may have committed after that claim began
+            wait_s = self._limits_wait_s(poll_s)
             if not claimed:
                 due_in = await self.store.next_due_in_s(self.queues)
                 if due_in is not None:
                     wait_s = min(wait_s, due_in + 0.001)
             await _wait_any(self._wakeup, self._stop, timeout_s=wait_s)
         # Stopping: nothing more is claimed; _shutdown handles what is in flight.
+
+    async def _claim(self, want: int) -> list[ClaimedTask] | None:
+        """Claim up to ``want`` tasks: queues with limits through the serialised claim that enforces
+        them, the others through the plain one. None if every queue is held back by its limits."""
+        if not self.gates.loaded:
+            # Until the limits are known, any queue might have one: claiming it as unlimited could
+            # break it.
+            self.gates.update(await self.store.queue_limits(self.queues))
+        unlimited, limited = self.gates.claimable(time.monotonic())
+        if not limited:
+            if not unlimited:
+                return None
+            return await self.store.claim(self.id, unlimited, want, self.lease_s)
+        # Limited queues first: what they may take is bounded by their limits, so they cannot starve
+        # the others, while the others' backlog could starve them.
+        result = await self.store.claim_limited(self.id, limited, want, self.lease_s)
+        # Timed from the answer, not the question: "next token in" was measured on the database
+        # during the round trip, and counting from before it would come back early for nothing.
+        self.gates.after_claim(result.gates, time.monotonic(), recheck_s=self.settings.poll_interval_s)
+        claimed = result.tasks
+        if unlimited and len(claimed) < want:
+            try:
+                claimed = claimed + await self.store.claim(self.id, unlimited, want - len(claimed), self.lease_s)
+            except DatabaseError as exc:
+                if not claimed:
+                    raise
+                # The limited claim is committed: those tasks are ours and must run, not wait out
+                # their leases (that would count as a lost worker). The rest is claimed next round.
+                log.warning("claim failed (%s) after claiming %d limited tasks; running those", exc, len(claimed))
+        return claimed
+
+    def _limits_wait_s(self, poll_s: float) -> float:
+        ready_in = self.gates.ready_in_s(time.monotonic())
+        return poll_s if ready_in is None else min(poll_s, ready_in)
+
+    async def _limits_loop(self) -> None:
+        interval = min(LIMITS_REFRESH_S, self.settings.poll_interval_s)
+        while True:
+            await asyncio.sleep(interval)
+            await self.refresh_limits()
+
+    async def refresh_limits(self) -> None:
+        """Re-read which of our queues have limits (a claim on a limited queue also reports them)."""
+        try:
+            limits = await self.store.queue_limits(self.queues)
+        except DatabaseError as exc:
+            log.warning("could not read queue limits (%s); keeping the last known", exc)
+            return
+        self.gates.update(limits)
 
     def _start(self, claimed: ClaimedTask) -> None:
         context = TaskContext(
@@ -222,18 +291,25 @@ class Worker:
         )
         execution = Execution(claimed, context)
         self.executions[claimed.id] = execution
-        self.leases[claimed.id] = _Lease(claimed.lease_token, time.monotonic())
+        self.leases[claimed.id] = _Lease(claimed.lease_token, time.monotonic(), claimed.queue)
         execution.future = asyncio.create_task(self._execute(execution), name=f"task-{claimed.id}")
 
     async def _execute(self, execution: Execution) -> None:
         claimed = execution.claimed
         submitted = False
+        # A finished task makes no new work appear by itself: what its outcome releases (an immediate
+        # retry, a workflow step) is announced by NOTIFY when the outcome is written. Waking the claim
+        # loop on every finish cost an empty claim per task, and a notification that arrived during
+        # that claim waited for it: that was the latency tail. The loop still needs waking for a retry
+        # due later (it must learn the due time) and in a burst worker (it exits once nothing is left).
+        wake = self.burst
         try:
             outcome = await self.executor.run(execution)
             if outcome is not None:
                 # The slot frees now; the lease stays held (and renewed) until the outcome is written.
                 self.acks.submit(outcome).add_done_callback(functools.partial(self._acked, claimed.id))
                 submitted = True
+                wake = wake or outcome.state is TaskState.SCHEDULED
         except Exception:
             log.exception("internal error running task %s[%s]; its lease will expire", claimed.name, claimed.id)
         finally:
@@ -242,11 +318,17 @@ class Worker:
             if not submitted and execution.cancel_reason != "shutdown":
                 self.leases.pop(claimed.id, None)
             self._slot_freed.set()
-            self._wakeup.set()
+            if wake:
+                self._wakeup.set()
 
     def _acked(self, task_id: int, _: asyncio.Future[bool]) -> None:
-        self.leases.pop(task_id, None)
-        self._wakeup.set()  # a written outcome may have released workflow steps
+        lease = self.leases.pop(task_id, None)
+        # Only now, with the outcome written, does the database count the task as not running. No NOTIFY
+        # says a limited queue's slot is free, so that wakes the loop here; so does a burst worker's last
+        # outcome. (Workflow steps an outcome releases are announced by NOTIFY.)
+        freed_limited_slot = lease is not None and self.gates.slot_freed(lease.queue)
+        if freed_limited_slot or self.burst:
+            self._wakeup.set()
 
     # -- leases ----------------------------------------------------------------------------------
 

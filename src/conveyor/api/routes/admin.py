@@ -13,7 +13,7 @@ from conveyor.api.auth import Scope
 from conveyor.api.deps import require
 from conveyor.api.operations import OpsDep
 from conveyor.api.schemas import MAX_DELAY_S, StrictFloat, StrictInt
-from conveyor.api.schemas_search import Text
+from conveyor.api.schemas_search import StrictBool, Text
 from conveyor.core.states import TaskState
 from conveyor.db.admin_store import PRUNE_BATCH, MaintenanceState
 
@@ -47,11 +47,19 @@ class PruneBody(_Request):
     )
     limit: StrictInt = Field(default=1_000_000, ge=1, le=100_000_000, description="Delete at most this many.")
     batch_size: StrictInt = Field(default=PRUNE_BATCH, ge=100, le=10_000, description="Tasks deleted per statement.")
+    schedule_runs: StrictBool = Field(
+        default=False,
+        description="Also delete schedule runs fired more than `older_than_s` ago, first; each schedule keeps "
+        "its newest `scheduler.run_keep_newest` runs, and runs less than an hour behind a schedule's next "
+        "fire time are never deleted. (The leading scheduler also does this by itself, see "
+        "`scheduler.run_retention_s`.)",
+    )
 
 
 class PruneOut(BaseModel):
     deleted: int = Field(description="Tasks deleted, with their history.")
-    batches: int
+    schedule_runs_deleted: int = Field(description="Schedule runs deleted (0 unless `schedule_runs` was asked).")
+    batches: int = Field(description="Delete statements run.")
     cutoff: datetime = Field(description="Tasks that finished before this (database clock) were eligible.")
     more: bool = Field(description="Stopped at `limit` or after 20 s with more to delete: call again.")
 
@@ -83,15 +91,22 @@ class MaintenanceOut(BaseModel):
 async def prune_tasks(body: PruneBody, ops: OpsDep) -> PruneOut:
     """Retention: delete tasks that finished more than `older_than_s` seconds ago, with their history,
     in batches of `batch_size` (each its own short transaction). Waiting, running and blocked tasks are
-    never pruned."""
+    never pruned. With `schedule_runs`, old schedule runs go too (their tasks are not touched)."""
     report = await ops.admin.prune(
         body.older_than_s,
         states=[TaskState(s) for s in body.states],
         batch=body.batch_size,
         limit=body.limit,
         budget_s=PRUNE_BUDGET_S,
+        schedule_runs_keep=ops.app.settings.scheduler.run_keep_newest if body.schedule_runs else None,
     )
-    return PruneOut(deleted=report.deleted, batches=report.batches, cutoff=report.cutoff, more=report.more)
+    return PruneOut(
+        deleted=report.deleted,
+        schedule_runs_deleted=report.schedule_runs_deleted,
+        batches=report.batches,
+        cutoff=report.cutoff,
+        more=report.more,
+    )
 
 
 @router.get("/config", dependencies=_ADMIN)

@@ -1,12 +1,13 @@
 """``/api/v1/schedules``: periodic tasks managed at run time (list, create, change, delete, pause, resume,
-trigger, runs).
+trigger, runs); and ``/api/v1/scheduler``: the scheduler processes' health, whichever process runs them.
 
 A thin adapter over :class:`~conveyor.db.schedule_store.ScheduleStore`, which decides what is allowed.
 Schedules declared in code (``@app.periodic``) are listed and can be paused, resumed and triggered here,
 but are changed in code: the next scheduler start would overwrite an edit made here.
 
-Scopes: reading needs ``tasks:read``, triggering (an enqueue) ``tasks:write``, and everything that
-changes what runs by itself (create, change, delete, pause, resume) ``admin``, like queue settings.
+Scopes: reading (the scheduler's health too) needs ``tasks:read``, triggering (an enqueue) ``tasks:write``,
+and everything that changes what runs by itself (create, change, delete, pause, resume) ``admin``, like
+queue settings.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from conveyor.api.deps import ServicesDep, require
 from conveyor.api.errors import ApiProblem, invalid_field
 from conveyor.api.routes import problems
 from conveyor.api.schemas import INT64_MAX, JsonArray, JsonObject, Priority, QueueName, TaskName
+from conveyor.api.schemas_scheduler import SchedulerOut
 from conveyor.core.schedule import ScheduleDefinition, Timing
 from conveyor.core.schedule_records import ScheduleConflict, ScheduleNotFound, ScheduleRecord, ScheduleRun
 from conveyor.db.schedule_store import ScheduleStore
+from conveyor.db.scheduler_process_store import SchedulerProcessStore
 from conveyor.scheduler.runs import build_run_request
 
 T = TypeVar("T")
@@ -227,6 +230,15 @@ async def list_schedule_runs(
     runs = await _call(_store(services).runs(schedule_id, limit=limit, before=before))
     next_cursor = _encode_cursor(runs[-1].fire_at) if len(runs) == limit else None
     return ScheduleRunsOut(items=[_run_out(r) for r in runs], next_cursor=next_cursor)
+
+
+@router.get("/scheduler", dependencies=_READ)
+async def get_scheduler(services: ServicesDep) -> SchedulerOut:
+    """The scheduler's health, as its processes report it in the database (they usually run apart from
+    the API): who leads under which fencing token, every scheduler process with its clock skew and
+    warning, and which of them vanished without stopping (stale). `status` sums it up; it is `no-leader`
+    in a deployment that runs no scheduler."""
+    return SchedulerOut.of(await SchedulerProcessStore(services.app.runtime().engine).overview())
 
 
 # -- helpers ----------------------------------------------------------------------------------------
