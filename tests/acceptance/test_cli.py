@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 
 from conveyor.app import App
 from conveyor.db import migrate
-from tests.conftest import PYTHON, make_settings, subprocess_env
+from tests.conftest import PYTHON, subprocess_env
 
 T = TypeVar("T")
 APP = "sample_app:app"
@@ -125,16 +125,6 @@ def env(database_url: str) -> dict[str, str]:
 def workdir(tmp_path: Path) -> Path:
     """Commands run from a directory that has nothing to do with the project."""
     return tmp_path
-
-
-@pytest.fixture
-def producer(database_url: str) -> Iterator[App]:
-    """Enqueues set-up tasks in-process: each CLI run costs an interpreter start."""
-    app = App(settings=make_settings(database_url), strict_names=False)
-    try:
-        yield app
-    finally:
-        app.close()
 
 
 def enqueue_add(env: dict[str, str], cwd: Path, a: int, b: int) -> int:

@@ -7,18 +7,8 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
-
 from conveyor.app import App
 from tests.acceptance.workers import WorkerProcess, executions, query, wait_until
-from tests.conftest import make_settings
-
-
-@pytest.fixture
-def producer(database_url: str) -> App:
-    app = App(settings=make_settings(database_url), strict_names=False)
-    yield app  # type: ignore[misc]
-    app.close()
 
 
 def state_of(database_url: str, task_id: int) -> str:

@@ -4,30 +4,18 @@ every worker claiming on its own."""
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from conveyor.app import App
 from conveyor.db.queue_store import QueueStore
 from tests.acceptance.workers import WorkerProcess, query, wait_until
-from tests.conftest import PYTHON, make_settings, subprocess_env
+from tests.conftest import PYTHON, subprocess_env
 from tests.integration.test_queue_limits import intervals, max_overlap, most_starts_allowed, starts
 
 QUEUE = "capped"
 # sample_app has a process-executor task, so each worker starts a pool: keep it to one process.
 ENV = {"CONVEYOR_WORKER__PROCESS_POOL_SIZE": "1"}
-
-
-@pytest.fixture
-def producer(database_url: str) -> Iterator[App]:
-    app = App(settings=make_settings(database_url), strict_names=False)
-    try:
-        yield app
-    finally:
-        app.close()
 
 
 def set_limits(app: App, **limits: Any) -> None:

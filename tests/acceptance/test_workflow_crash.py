@@ -8,15 +8,12 @@ import signal
 import subprocess
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from conveyor import Signature, chain, group
 from conveyor.app import App
 from tests.acceptance.workers import query, wait_until
-from tests.conftest import PYTHON, make_settings, subprocess_env
+from tests.conftest import PYTHON, subprocess_env
 
 WIDTH = 6
 
@@ -43,13 +40,6 @@ class WfWorker:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
-
-
-@pytest.fixture
-def producer(database_url: str) -> Iterator[App]:
-    app = App(settings=make_settings(database_url), strict_names=False)
-    yield app
-    app.close()
 
 
 def executions(database_url: str) -> dict[int, list[tuple[int, int]]]:

@@ -24,6 +24,8 @@ window of ``started_at`` obey the bucket exactly.
 
 from __future__ import annotations
 
+from conveyor.db.task_sql import CLAIMED_COLUMNS
+
 # Serialise the claimers of these queues (see the module docstring). Rows are locked in the sorted
 # order (ORDER BY is applied before FOR UPDATE), so every claimer takes them in the same order. "C"
 # is code-point order, the order of Python's sorted(), which the maintenance pause writes rows in.
@@ -41,7 +43,7 @@ SELECT name FROM conveyor_queues WHERE name = ANY(%(queues)s::text[]) ORDER BY n
 # reached, when the next token is due, and whether due tasks were left behind (worth coming back
 # for). Left-behind tasks are counted on this statement's snapshot, where the ones just claimed still
 # look queued, hence "more than the number claimed".
-CLAIM_LIMITED = """
+CLAIM_LIMITED = f"""
 WITH clock AS MATERIALIZED (
     SELECT clock_timestamp() AS now
 ),
@@ -84,8 +86,7 @@ claimed AS (
         lease_expires_at = clock.now + make_interval(secs => %(lease_s)s), worker_id = %(worker_id)s::uuid,
         started_at = clock.now, cancel_requested = false
     FROM candidates CROSS JOIN clock WHERE t.id = candidates.id
-    RETURNING t.id, t.name, t.queue, t.priority, t.args, t.kwargs, t.metadata, t.attempt, t.max_attempts,
-              t.lease_token::text AS lease_token, t.timeout_s, t.worker_losses
+    RETURNING {CLAIMED_COLUMNS}
 ),
 events AS (
     INSERT INTO conveyor_task_events (task_id, at, kind, attempt, worker_id)

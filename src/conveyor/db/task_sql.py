@@ -68,13 +68,18 @@ WITH inserted AS (
 SELECT id, state, CASE WHEN state = 'queued' THEN pg_notify('{WAKEUP_CHANNEL}', queue) END AS woken FROM inserted
 """
 
+# What a claim returns about each task it took: CLAIM and the limited queues' claim
+# (conveyor.db.limit_sql) both return these, read by conveyor.db.limit_store.claimed_task.
+CLAIMED_COLUMNS = """t.id, t.name, t.queue, t.priority, t.args, t.kwargs, t.metadata, t.attempt, t.max_attempts,
+              t.lease_token::text AS lease_token, t.timeout_s, t.worker_losses"""
+
 # Claim up to %(limit)s tasks for one worker. Per queue (a LATERAL subquery each, so every queue is an
 # ordered walk of the partial claim index rather than a sort of all waiting rows), highest priority
 # first, then earliest run time; SKIP LOCKED lets many workers claim at once without waiting on each
 # other. Each claim bumps the attempt and issues a fresh lease token: the fencing token every later
 # write for this attempt must present. Paused queues are left out here, so a pause takes effect at
 # every worker's next claim.
-CLAIM = """
+CLAIM = f"""
 WITH open_queues AS (
     SELECT q.name FROM unnest(%(queues)s::text[]) AS q(name)
     WHERE NOT EXISTS (SELECT 1 FROM conveyor_queues cq WHERE cq.name = q.name AND cq.paused)
@@ -97,8 +102,7 @@ claimed AS (
         lease_expires_at = now() + make_interval(secs => %(lease_s)s), worker_id = %(worker_id)s::uuid,
         started_at = now(), cancel_requested = false
     FROM candidates WHERE t.id = candidates.id
-    RETURNING t.id, t.name, t.queue, t.priority, t.args, t.kwargs, t.metadata, t.attempt, t.max_attempts,
-              t.lease_token::text AS lease_token, t.timeout_s, t.worker_losses
+    RETURNING {CLAIMED_COLUMNS}
 ),
 events AS (
     INSERT INTO conveyor_task_events (task_id, kind, attempt, worker_id)
