@@ -52,13 +52,13 @@ from conveyor.db.schedule_run_retention import RunPruneReport
 from conveyor.db.schedule_store import (
     LEADER_LEASE,
     Fence,
-    FireResult,
     Firing,
     ScheduleStore,
     TransactionLimits,
 )
 from conveyor.db.scheduler_process_store import SchedulerProcessStore
-from conveyor.errors import ConveyorError, DatabaseError
+from conveyor.errors import DatabaseError
+from conveyor.scheduler.reporting import FailureLog, log_fired
 from conveyor.scheduler.retention import retention_pass
 from conveyor.scheduler.runs import build_run_request
 from conveyor.scheduler.sync import sync_code_schedules
@@ -69,10 +69,7 @@ log = logging.getLogger("conveyor.scheduler")
 #: catch-up under ``misfire="all"`` continues in the next transaction).
 DUE_BATCH = 100
 RUNS_PER_TRANSACTION = 1000
-# The same failure of the same schedule is logged at most this often.
-_ERROR_LOG_INTERVAL_S = 60.0
 _SKEW_REMINDER_S = 300.0
-_RUNS_LOGGED_ONE_BY_ONE = 5
 # A process row not refreshed for this many leases is stale: a healthy process refreshes it several
 # times per lease, and even one whose statements all run into their timeouts once per lease.
 _STALE_AFTER_LEASES = 2.0
@@ -151,7 +148,7 @@ class Scheduler:
         self._report_failed_at: float | None = None
         self._database_ok = False
         self.enqueued = 0
-        self._error_logged: dict[tuple[int, str], float] = {}
+        self._failures = FailureLog()
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -477,10 +474,11 @@ class Scheduler:
                 return 0.0, failures
             except Exception as exc:  # one broken schedule must not stop the others
                 failures += 1
-                self._log_failure(schedule_id, exc)
+                self._failures.log(schedule_id, exc)
                 continue
             if result is not None:
-                self._report(result)
+                self.enqueued += len(result.fire_times)
+                log_fired(result)
                 if result.next_fire_at <= result.db_now:
                     next_in_s = 0.0  # a long catch-up goes on in the next transaction
         if len(due) == DUE_BATCH:
@@ -499,73 +497,6 @@ class Scheduler:
             limit=RUNS_PER_TRANSACTION,
         )
         return Firing(due, [build_run_request(self.app, schedule, fire_at) for fire_at in due.fire_times])
-
-    def _report(self, result: FireResult) -> None:
-        self.enqueued += len(result.fire_times)
-        definition = result.schedule.definition
-        if result.already_run:
-            # A tick meets runs it should not see only when the cursor was put back (by hand, or acted on
-            # from a stale view); their rows kept those fire times out, but it is worth a look.
-            log.warning(
-                "schedule %s: %d due fire times (%s .. %s) already had a run; not enqueued again",
-                definition.name,
-                len(result.already_run),
-                result.already_run[0].isoformat(),
-                result.already_run[-1].isoformat(),
-            )
-        if result.missed:
-            log.info(
-                "schedule %s was behind (cursor %s, now %s): misfire=%s enqueued %d runs",
-                definition.name,
-                result.schedule.next_fire_at.isoformat(),
-                result.db_now.isoformat(),
-                definition.misfire,
-                len(result.fire_times),
-            )
-        if len(result.fire_times) > _RUNS_LOGGED_ONE_BY_ONE:
-            # A long catch-up is one line, not a thousand.
-            log.info(
-                "schedule %s fired for %s .. %s: tasks %s[%s..%s] (queue %s)",
-                definition.name,
-                result.fire_times[0].isoformat(),
-                result.fire_times[-1].isoformat(),
-                definition.task_name,
-                result.task_ids[0],
-                result.task_ids[-1],
-                result.queues[0],
-            )
-            return
-        for fire_at, task_id, queue in zip(result.fire_times, result.task_ids, result.queues, strict=True):
-            log.info(
-                "schedule %s fired for %s: task %s[%s] (queue %s)",
-                definition.name,
-                fire_at.isoformat(),
-                definition.task_name,
-                task_id,
-                queue,
-            )
-
-    def _log_failure(self, schedule_id: int, exc: Exception) -> None:
-        key = (schedule_id, f"{type(exc).__name__}: {exc}")
-        now = time.monotonic()
-        last = self._error_logged.get(key)
-        if last is not None and now - last < _ERROR_LOG_INTERVAL_S:
-            return
-        self._error_logged[key] = now
-        log.log(
-            logging.WARNING if isinstance(exc, DatabaseError | TimeoutError) else logging.ERROR,
-            "schedule %s could not fire (%s: %s); it stays due and is tried again every tick",
-            schedule_id,
-            type(exc).__name__,
-            exc,
-            exc_info=not _expected(exc),
-        )
-
-
-def _expected(exc: Exception) -> bool:
-    # Errors a schedule's definition or the database can cause (an unknown task, arguments too large, a
-    # lost connection) need no traceback; anything else is a bug and keeps it.
-    return isinstance(exc, ConveyorError | ValueError | TimeoutError)
 
 
 def _describe(exc: Exception) -> str:
