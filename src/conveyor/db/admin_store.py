@@ -78,10 +78,17 @@ _PAUSE_QUEUES = """
 INSERT INTO conveyor_queues (name, paused) SELECT unnest(%(names)s::text[]), true
 ON CONFLICT (name) DO UPDATE SET paused = true, updated_at = now()
 """
+# Rows are locked in "C" name order first, the order in which workers lock limited queues' rows
+# (conveyor.db.limit_sql.LOCK_QUEUES): an UPDATE alone takes them in whatever order its scan meets them,
+# and against a worker holding two of the same rows that could deadlock.
 _RESUME_QUEUES = """
-UPDATE conveyor_queues SET paused = false, updated_at = now()
-WHERE name = ANY(%(names)s::text[]) AND paused
-RETURNING name
+WITH locked AS MATERIALIZED (
+    SELECT name FROM conveyor_queues WHERE name = ANY(%(names)s::text[]) AND paused
+    ORDER BY name COLLATE "C" FOR UPDATE
+)
+UPDATE conveyor_queues q SET paused = false, updated_at = now()
+FROM locked WHERE q.name = locked.name
+RETURNING q.name
 """
 _MAINTENANCE_SET = """
 UPDATE conveyor_maintenance
