@@ -499,11 +499,13 @@ async def test_service__sleeps_until_the_next_fire_time_not_a_whole_tick(databas
     try:
         record = await ScheduleStore(app.runtime().engine).create(every_second())
         async with running(scheduler(app)):
-            await wait_for(lambda: _true(len(runs_of(database_url, record.id)) >= 4), timeout_s=30)
+            await wait_for(lambda: _true(len(runs_of(database_url, record.id)) >= 6), timeout_s=30)
         lateness = sorted(
             (enqueued - fire_at).total_seconds() for fire_at, _, enqueued in runs_of(database_url, record.id)
         )
-        assert lateness[len(lateness) // 2] < 0.5, lateness
+        # Waking on the tick after each fire (the only schedule's next time was not counted) made every
+        # other run a second late; one late run is allowed for a loaded machine.
+        assert sum(late >= 0.5 for late in lateness) <= 1, lateness
     finally:
         await app.aclose()
         app.close()

@@ -479,8 +479,10 @@ class Scheduler:
             if result is not None:
                 self.enqueued += len(result.fire_times)
                 log_fired(result)
-                if result.next_fire_at <= result.db_now:
-                    next_in_s = 0.0  # a long catch-up goes on in the next transaction
+                # DUE counted only schedules not due then: this one's new cursor may be the next fire
+                # time of all (the only schedule, say). At or before now: a long catch-up goes on at once.
+                ahead_s = max(0.0, (result.next_fire_at - result.db_now).total_seconds())
+                next_in_s = ahead_s if next_in_s is None else min(next_in_s, ahead_s)
         if len(due) == DUE_BATCH:
             next_in_s = 0.0
         return next_in_s, failures
