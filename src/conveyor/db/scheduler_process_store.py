@@ -53,7 +53,7 @@ FROM (SELECT 1) AS one LEFT JOIN conveyor_leases l ON l.name = %(name)s
 
 PROCESSES = """
 SELECT id, host, pid, started_at, last_seen_at, stale_after_s, is_leader, fencing_token, clock_skew_s, warning,
-       EXTRACT(EPOCH FROM now() - last_seen_at)::float8 AS seen_age_s
+       GREATEST(0, EXTRACT(EPOCH FROM clock_timestamp() - last_seen_at))::float8 AS seen_age_s
 FROM conveyor_scheduler_processes
 ORDER BY last_seen_at DESC, id
 LIMIT %(limit)s

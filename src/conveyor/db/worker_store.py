@@ -14,7 +14,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from conveyor.db.errors import translated
 from conveyor.db.models import tasks, workers
 
-_HEARTBEAT_AGE_S = func.extract("epoch", func.now() - workers.c.last_heartbeat_at).cast(Double).label("heartbeat_age_s")
+# clock_timestamp(), not now(): now() is this transaction's start, and a heartbeat committed after it (but
+# before this statement's snapshot) would come out with a negative age.
+_HEARTBEAT_AGE_S = (
+    func.greatest(0.0, func.extract("epoch", func.clock_timestamp() - workers.c.last_heartbeat_at))
+    .cast(Double)
+    .label("heartbeat_age_s")
+)
 
 
 @dataclass(frozen=True)
