@@ -116,6 +116,27 @@ async def test_retry_exception__custom_delay(aapp: App) -> None:
     assert failed[0].detail and failed[0].detail["retry_in_s"] == 0.3
 
 
+async def test_retry_exception__a_retry_due_later_runs_when_due_without_polling(aapp: App) -> None:
+    # No NOTIFY announces a retry due later: the worker learns its due time when the outcome is written.
+    @aapp.task(name="asks_again_later", max_attempts=3)
+    async def asks_again_later() -> int:
+        if conveyor.current_task().attempt == 1:
+            raise Retry(delay=0.5)
+        return conveyor.current_task().attempt
+
+    # Neither polling nor the rescuer's promotion of due tasks (which notifies) may be what starts it.
+    slow = {"poll_interval_s": 60.0, "rescue_interval_s": 60.0}
+    worker = Worker(aapp, settings=aapp.settings.worker.model_copy(update=slow))
+    async with running(worker):
+        await wait_for(lambda: getattr(worker, "listener", None) is not None)
+        await asyncio.wait_for(worker.listener.connected.wait(), 10)
+        # Outcomes written well after the slot frees: a loop woken at the slot would look for the
+        # retry's due time before it exists, and sleep for the whole poll.
+        worker.acks.linger_s = 0.3
+        handle = await asks_again_later.enqueue_async()
+        assert await handle.result_async(timeout=20) == 2  # far below the 60 s poll
+
+
 async def test_timeout__async_task_is_cancelled_and_fails(aapp: App) -> None:
     @aapp.task(name="slow_async", timeout=0.2, max_attempts=1)
     async def slow_async() -> None:

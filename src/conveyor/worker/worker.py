@@ -297,19 +297,13 @@ class Worker:
     async def _execute(self, execution: Execution) -> None:
         claimed = execution.claimed
         submitted = False
-        # A finished task makes no new work appear by itself: what its outcome releases (an immediate
-        # retry, a workflow step) is announced by NOTIFY when the outcome is written. Waking the claim
-        # loop on every finish cost an empty claim per task, and a notification that arrived during
-        # that claim waited for it: that was the latency tail. The loop still needs waking for a retry
-        # due later (it must learn the due time) and in a burst worker (it exits once nothing is left).
-        wake = self.burst
         try:
             outcome = await self.executor.run(execution)
             if outcome is not None:
                 # The slot frees now; the lease stays held (and renewed) until the outcome is written.
-                self.acks.submit(outcome).add_done_callback(functools.partial(self._acked, claimed.id))
+                retry_later = outcome.state is TaskState.SCHEDULED
+                self.acks.submit(outcome).add_done_callback(functools.partial(self._acked, claimed.id, retry_later))
                 submitted = True
-                wake = wake or outcome.state is TaskState.SCHEDULED
         except Exception:
             log.exception("internal error running task %s[%s]; its lease will expire", claimed.name, claimed.id)
         finally:
@@ -318,16 +312,19 @@ class Worker:
             if not submitted and execution.cancel_reason != "shutdown":
                 self.leases.pop(claimed.id, None)
             self._slot_freed.set()
-            if wake:
-                self._wakeup.set()
+            if self.burst:
+                self._wakeup.set()  # it exits once nothing is left in flight
 
-    def _acked(self, task_id: int, _: asyncio.Future[bool]) -> None:
+    def _acked(self, task_id: int, retry_later: bool, _: asyncio.Future[bool]) -> None:
         lease = self.leases.pop(task_id, None)
-        # Only now, with the outcome written, does the database count the task as not running. No NOTIFY
-        # says a limited queue's slot is free, so that wakes the loop here; so does a burst worker's last
-        # outcome. (Workflow steps an outcome releases are announced by NOTIFY.)
+        # A finished task makes no new work appear by itself: what its written outcome releases (an
+        # immediate retry, a workflow step) is announced by NOTIFY. Waking the claim loop for every
+        # outcome cost an empty claim per task, and a notification that arrived during that claim waited
+        # for it: that was the latency tail. The loop is woken for what no NOTIFY announces: a retry due
+        # later (the loop must learn its due time, now that it is written), a free slot of a limited
+        # queue (the database counts the task as not running only now), and a burst worker's last outcome.
         freed_limited_slot = lease is not None and self.gates.slot_freed(lease.queue)
-        if freed_limited_slot or self.burst:
+        if retry_later or freed_limited_slot or self.burst:
             self._wakeup.set()
 
     # -- leases ----------------------------------------------------------------------------------
