@@ -270,7 +270,7 @@ class ScheduleStore:
         """Take or renew the lease. ``token`` is the term being renewed (``None`` to acquire): a renewal
         keeps it, any other grant carries a new one. Not granted while someone else holds the lease."""
         async with self._transaction() as conn:
-            await self._limit(conn, TransactionLimits(lock_timeout_s, lock_timeout_s * 2, lock_timeout_s * 2))
+            await limit_transaction(conn, TransactionLimits(lock_timeout_s, lock_timeout_s * 2, lock_timeout_s * 2))
             rows = await execute_async(
                 conn, ACQUIRE, {"name": name, "holder": holder, "token": token, "lease_s": lease_s}
             )
@@ -303,7 +303,7 @@ class ScheduleStore:
         transaction. Only the fire times whose run this transaction records are enqueued (see the module
         docstring). ``None`` if it is no longer due; :class:`LeadershipLost` if the fence fails."""
         async with self._transaction() as conn:
-            await self._limit(conn, limits)
+            await limit_transaction(conn, limits)
             fenced = await execute_async(
                 conn, FENCE, {"lease": fence.lease, "holder": fence.holder, "token": fence.token}
             )
@@ -345,9 +345,6 @@ class ScheduleStore:
             missed=due.missed,
             already_run=tuple(f for f in due.fire_times if f not in run_ids),
         )
-
-    async def _limit(self, conn: AsyncConnection, limits: TransactionLimits) -> None:
-        await limit_transaction(conn, limits)
 
     # -- code-declared schedules -----------------------------------------------------------------
 

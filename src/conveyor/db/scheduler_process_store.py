@@ -140,7 +140,7 @@ class SchedulerProcessStore:
                 fencing_token=None if r["fencing_token"] is None else int(r["fencing_token"]),
                 clock_skew_s=r["clock_skew_s"],
                 warning=r["warning"],
-                seen_age_s=max(0.0, float(r["seen_age_s"])),
+                seen_age_s=float(r["seen_age_s"]),  # never negative (see PROCESSES)
             )
             for r in rows
         )

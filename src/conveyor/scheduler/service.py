@@ -69,7 +69,8 @@ log = logging.getLogger("conveyor.scheduler")
 #: catch-up under ``misfire="all"`` continues in the next transaction).
 DUE_BATCH = 100
 RUNS_PER_TRANSACTION = 1000
-_SKEW_REMINDER_S = 300.0
+# A lasting problem (clock skew, failing health reports) is logged again at most this often.
+_REMINDER_S = 300.0
 # A process row not refreshed for this many leases is stale: a healthy process refreshes it several
 # times per lease, and even one whose statements all run into their timeouts once per lease.
 _STALE_AFTER_LEASES = 2.0
@@ -331,7 +332,7 @@ class Scheduler:
                 )
         except (DatabaseError, TimeoutError) as exc:
             now = time.monotonic()
-            if self._report_failed_at is None or now - self._report_failed_at >= _SKEW_REMINDER_S:
+            if self._report_failed_at is None or now - self._report_failed_at >= _REMINDER_S:
                 log.warning("could not report this scheduler's health to the database (%s); retrying", _describe(exc))
                 self._report_failed_at = now
             return False
@@ -397,7 +398,7 @@ class Scheduler:
             f"clock skew: the clock of host {self.host} is {-skew:+.3f} s off the database's (limit "
             f"{self.settings.max_clock_skew_s:g} s); fire times use the database clock, but fix NTP on this host"
         )
-        if self._skew_warned_at is None or now - self._skew_warned_at >= _SKEW_REMINDER_S:
+        if self._skew_warned_at is None or now - self._skew_warned_at >= _REMINDER_S:
             log.warning(
                 "clock skew: this host's clock is %+.3f s off the database's (limit %.1f s); fire times use the "
                 "database clock, but fix NTP on this host",
