@@ -216,36 +216,55 @@ async def test_claim_limited__a_paused_queue_is_not_claimed(lapp: App) -> None:
     assert claim.gates[0].paused
 
 
-async def test_claim_limited__plan_counts_running_from_the_index_and_walks_the_claim_index(
+async def test_claim_limited__reads_only_running_and_claimable_rows_whatever_the_plan(
     lapp: App, database_url: str
 ) -> None:
+    # The planner may pick any suitable index (PostgreSQL versions differ: the running count has been
+    # answered from ix_conveyor_tasks_state_queue here and from the partial ix_conveyor_tasks_lease in
+    # CI), so the test bounds what the executed claim reads, not which index it names. The queue's
+    # own 50,000 finished tasks are what a plan that walks the queue rather than its running or
+    # claimable rows would read.
     await set_limits(lapp, LIMITED, concurrency_limit=5, rate_limit_per_s=100)
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(
             "INSERT INTO conveyor_tasks (name, queue, state, finished_at) "
-            "SELECT 't', 'q' || (i % 20), 'succeeded', now() FROM generate_series(1, 50000) i"
+            "SELECT 't', CASE WHEN i %% 2 = 0 THEN %s ELSE 'q' || (i %% 20) END, 'succeeded', now() "
+            "FROM generate_series(1, 100000) i",
+            (LIMITED,),
         )
         conn.execute(
             "INSERT INTO conveyor_tasks (name, queue, state) SELECT 't', %s, 'queued' FROM generate_series(1, 2000)",
             (LIMITED,),
         )
         conn.execute(
-            "INSERT INTO conveyor_tasks (name, queue, state, lease_token, started_at) "
-            "SELECT 't', %s, 'running', gen_random_uuid(), now() FROM generate_series(1, 2)",
+            "INSERT INTO conveyor_tasks (name, queue, state, lease_token, lease_expires_at, started_at) "
+            "SELECT 't', %s, 'running', gen_random_uuid(), now() + interval '1 hour', now() "
+            "FROM generate_series(1, 2)",
             (LIMITED,),
         )
         conn.execute("VACUUM ANALYZE conveyor_tasks")
     params = {"queues": [LIMITED], "limit": 10, "lease_s": 30.0, "worker_id": str(uuid.uuid4())}
     with psycopg.connect(database_url) as conn:
         conn.execute(limit_sql.LOCK_QUEUES, params)
-        row = conn.execute("EXPLAIN (FORMAT JSON) " + limit_sql.CLAIM_LIMITED, params).fetchone()
+        row = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + limit_sql.CLAIM_LIMITED, params).fetchone()
         conn.rollback()
     assert row is not None
     plan = row[0] if isinstance(row[0], list) else json.loads(row[0])
     scans = list(_scans(plan[0]["Plan"]))
-    on_tasks = [s for s in scans if s.get("Relation Name") == "conveyor_tasks"]
-    assert {s.get("Index Name") for s in on_tasks} >= {"ix_conveyor_tasks_state_queue", "ix_conveyor_tasks_claim"}
+    on_tasks = [s for s in scans if s.get("Relation Name") == "conveyor_tasks" or "Index Name" in s]
+    assert on_tasks, scans
     assert all(s["Node Type"] != "Seq Scan" for s in on_tasks), on_tasks
+    # 2 running rows counted, at most 10 claimable rows walked (plus the one that says more are
+    # waiting): a handful per scan, never the queue's history.
+    read = {s.get("Index Name", s["Node Type"]): _rows_read(s) for s in on_tasks}
+    assert max(read.values()) <= 20, read
+
+
+def _rows_read(scan: dict[str, Any]) -> int:
+    """Rows a scan produced or threw away, over all its loops."""
+    per_loop = scan.get("Actual Rows", 0) + scan.get("Rows Removed by Filter", 0)
+    per_loop += scan.get("Rows Removed by Index Recheck", 0)
+    return int(per_loop * scan.get("Actual Loops", 1))
 
 
 def _scans(node: dict[str, Any]) -> Iterable[dict[str, Any]]:
