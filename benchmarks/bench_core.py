@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -137,6 +139,16 @@ def steady_latency(url: str, rate: int, seconds: float) -> tuple[float, float, f
     return q[49], q[94], q[98]
 
 
+def ensure_database(url: str) -> None:
+    """Create the database named in ``url`` if it does not exist (connecting to ``postgres`` for that)."""
+    name = conninfo_to_dict(url).get("dbname")
+    if not name:
+        raise SystemExit(f"--database-url must name a database: {url}")
+    with psycopg.connect(make_conninfo(url, dbname="postgres"), autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(str(name))))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--database-url")
@@ -158,6 +170,8 @@ def main() -> None:
         tmp.chmod(0o755)
         server = EmbeddedPostgres(tmp / "data", ephemeral=True)
         url = server.start()
+    else:
+        ensure_database(url)
     migrate.upgrade(url)
     app.configure(load_settings(None, overrides={"database_url": url}))
     try:

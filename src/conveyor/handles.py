@@ -39,9 +39,13 @@ class Signature:
     args: Sequence[Any] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     options: EnqueueOptions = field(default_factory=EnqueueOptions)
+    # The app of the task it was made from (``task.s()``), so that a workflow of such signatures knows
+    # where to go without being told; None for one built by name. Not part of its value.
+    app: App | None = field(default=None, compare=False, repr=False)
 
     def set(self, **options: Any) -> Signature:
-        return Signature(self.name, self.args, self.kwargs, self.options.merged(make_options(**options)))
+        merged = self.options.merged(make_options(**options))
+        return Signature(self.name, self.args, self.kwargs, merged, app=self.app)
 
 
 class Task(Generic[P, R]):
@@ -69,7 +73,7 @@ class Task(Generic[P, R]):
         return Task(self.app, self.definition, self._options.merged(make_options(**options)))
 
     def s(self, *args: Any, **kwargs: Any) -> Signature:
-        return Signature(self.name, args, kwargs, self._options)
+        return Signature(self.name, args, kwargs, self._options, app=self.app)
 
     def enqueue(self, *args: Any, connection: SyncConnectionLike | None = None, **kwargs: Any) -> TaskHandle:
         """Enqueue on a worker. With ``connection`` (a SQLAlchemy Connection or Session, or a psycopg

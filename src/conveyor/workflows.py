@@ -94,12 +94,37 @@ class _Submit:
 
     def _app(self, app: App | None) -> App:
         chosen = app or self.app
-        if chosen is None:
+        if chosen is not None:
+            return chosen
+        assert isinstance(self, graph.Chain | graph.Group | graph.Chord)
+        # Signatures made by task.s() know their app; ones built by name do not.
+        apps = {id(a): a for a in _signature_apps(self)}
+        if len(apps) == 1:
+            return next(iter(apps.values()))
+        if not apps:
             raise WorkflowError(
-                "this workflow has no app: a signature does not know its app, so pass it "
+                "this workflow has no app: its signatures were built by name, so pass it "
                 "(.enqueue(app), chain(..., app=app) or app.submit_workflow(...))"
             )
-        return chosen
+        raise WorkflowError(
+            f"this workflow's signatures come from {len(apps)} different apps: pass the one to store it in "
+            "(.enqueue(app) or chain(..., app=app))"
+        )
+
+
+def _signature_apps(canvas: graph.Canvas) -> Iterable[App]:
+    """The apps of the signatures in ``canvas``, nested canvases included, where they know theirs."""
+    if isinstance(canvas, graph.Chain):
+        parts: Iterable[object] = canvas.links
+    elif isinstance(canvas, graph.Group):
+        parts = canvas.members
+    else:
+        parts = (canvas.header, canvas.callback)
+    for part in parts:
+        if isinstance(part, graph.Chain | graph.Group | graph.Chord):
+            yield from _signature_apps(part)
+        elif isinstance(part, Signature) and part.app is not None:
+            yield part.app
 
 
 @dataclass(frozen=True)

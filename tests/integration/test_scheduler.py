@@ -28,7 +28,8 @@ from conveyor.core.schedule import ScheduleDefinition, Timing, due_fire_times, r
 from conveyor.core.schedule_records import ScheduleConflict, ScheduleNotFound, ScheduleRecord
 from conveyor.db import schedule_store
 from conveyor.db.schedule_run_retention import CURSOR_MARGIN_S, ScheduleRunRetention
-from conveyor.db.schedule_store import FENCE, LIMIT_TRANSACTION, Firing, ScheduleStore
+from conveyor.db.schedule_sql import FENCE, LIMIT_TRANSACTION
+from conveyor.db.schedule_store import Firing, ScheduleStore
 from conveyor.db.scheduler_process_store import SchedulerProcessStore
 from conveyor.scheduler import Scheduler
 from conveyor.scheduler.runs import build_run_request

@@ -532,13 +532,33 @@ async def test_submit__is_all_or_nothing(aapp: App) -> None:
     assert counts == [{"t": 0, "w": 0}]
 
 
+async def test_canvas_of_task_signatures__finds_its_app_by_itself(aapp: App) -> None:
+    t = register(aapp)
+    handle = await chain(t.add.s(1, 1), group(t.mul.s(2), t.add.s(1).set(priority=3)), t.total.s()).enqueue_async()
+    await drain(aapp, handle)
+    assert await handle.result_async(timeout=5) == 7  # (1 + 1) * 2 + (1 + 1) + 1
+
+
 async def test_canvas_without_an_app__says_how_to_give_it_one(aapp: App) -> None:
     t = register(aapp)
-    with pytest.raises(WorkflowError, match="pass it"):
-        await chain(t.add.s(1, 1)).enqueue_async()
-    handle = await chain(t.add.s(1, 1), app=aapp).enqueue_async()
+    by_name = conveyor.Signature("add", (1, 1))
+    with pytest.raises(WorkflowError, match="built by name, so pass it"):
+        await chain(by_name).enqueue_async()
+    handle = await chain(by_name, app=aapp).enqueue_async()
     await drain(aapp, handle)
     assert await handle.result_async(timeout=5) == 2
+
+    other = App(settings=aapp.settings)
+
+    @other.task(name="add")
+    def stranger(a: int, b: int) -> int:
+        return a + b
+
+    with pytest.raises(WorkflowError, match="2 different apps: pass the one"):
+        await chain(group(by_name, stranger.s(1, 2)), t.total.s().set(priority=1)).enqueue_async()
+    with pytest.raises(WorkflowError, match="2 different apps: pass the one"):
+        await chord([stranger.s(1, 2)], t.total.s()).enqueue_async()
+    other.close()
 
 
 async def test_result__times_out_while_running(aapp: App) -> None:

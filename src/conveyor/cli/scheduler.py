@@ -1,4 +1,4 @@
-"""``conveyor scheduler`` (run one) and ``conveyor schedules`` (list, add, pause, resume, trigger).
+"""``conveyor scheduler`` (run one) and ``conveyor schedules`` (list, status, add, pause, resume, trigger).
 
 Thin adapters over :class:`~conveyor.scheduler.Scheduler` and
 :class:`~conveyor.db.schedule_store.ScheduleStore`: the store decides what is allowed (``ScheduleNotFound``,
@@ -36,8 +36,9 @@ from conveyor.cli.common import (
     serve,
 )
 from conveyor.core.schedule import MISFIRE_POLICIES, MisfirePolicy, ScheduleDefinition, Timing
-from conveyor.core.schedule_records import Lease, ScheduleRecord
+from conveyor.core.schedule_records import Lease, ScheduleRecord, SchedulerOverview
 from conveyor.db.schedule_store import ScheduleStore
+from conveyor.db.scheduler_process_store import SchedulerProcessStore
 from conveyor.scheduler import Scheduler
 from conveyor.scheduler.runs import build_run_request
 
@@ -89,7 +90,7 @@ def scheduler(
         serve(app, Scheduler(app, sync=reference is not None), signals)
 
 
-schedules = typer.Typer(help="List, add, pause, resume and trigger schedules.")
+schedules = typer.Typer(help="List, add, pause, resume and trigger schedules; show the schedulers' health.")
 
 
 @schedules.callback(invoke_without_command=True)
@@ -126,6 +127,60 @@ def list_schedules(
         table.add_row(*map(Text, [*cells, _when(r.next_fire_at), _when(r.last_fire_at), r.source]))
     # Names and tasks are user data: never parsed as rich markup.
     Console(highlight=False, markup=False, emoji=False, soft_wrap=False).print(table)
+
+
+@schedules.command()
+def status(as_json: JsonOption = False, database_url: DatabaseUrlOption = None, config: ConfigOption = None) -> None:
+    """Who leads, and every scheduler process as it last reported itself (host, pid, clock skew, stale).
+
+    Exit code 0 when the status is ok, 1 when it is degraded or no scheduler leads (for scripts and
+    container health checks), 2 for bad input as everywhere."""
+
+    async def fetch(_: ScheduleStore, app: App) -> SchedulerOverview:
+        return await SchedulerProcessStore(app.runtime().engine).overview()
+
+    overview = _with_store(config, database_url, fetch)
+    if as_json:
+        typer.echo(json.dumps(scheduler_data(overview), default=_json_default, indent=2))
+    else:
+        _print_overview(overview)
+    if overview.status != "ok":
+        raise typer.Exit(1)
+
+
+def _print_overview(overview: SchedulerOverview) -> None:
+    console = Console(highlight=False, markup=False, emoji=False, soft_wrap=False)
+    lease = overview.lease
+    leader = "none" if lease is None else f"{lease.holder} (fencing token {lease.fencing_token})"
+    if lease is not None and overview.leader_expired:
+        leader += f", lease expired at {_when(lease.expires_at)}"
+    console.print(Text(f"status: {overview.status}   leader: {leader}   checked: {_when(overview.checked_at)}"))
+    table = Table("id", "host", "pid", "role", "started", "last seen", "clock skew", "state")
+    for p in overview.processes:
+        skew = "" if p.clock_skew_s is None else f"{p.clock_skew_s:+.3f} s"
+        state = f"stale ({p.seen_age_s:.0f} s)" if p.stale else (p.warning or "ok")
+        cells = [p.id, p.host, str(p.pid), "leader" if p.leading else "standby", _when(p.started_at)]
+        table.add_row(*map(Text, [*cells, _when(p.last_seen_at), skew, state]))
+    console.print(table)
+    for problem in overview.problems:
+        console.print(Text(f"problem: {problem}"))
+
+
+def scheduler_data(overview: SchedulerOverview) -> dict[str, Any]:
+    """The schedulers' health as JSON-ready data (``schedules status --json``), shaped like the API's
+    ``GET /api/v1/scheduler``."""
+    processes = [{**asdict(p), "stale": p.stale} for p in overview.processes]
+    leader = None
+    if overview.lease is not None:
+        leader = {**asdict(overview.lease), "expired": overview.leader_expired}
+        leader.pop("name")
+    return {
+        "status": overview.status,
+        "checked_at": overview.checked_at,
+        "leader": leader,
+        "processes": processes,
+        "problems": overview.problems,
+    }
 
 
 @schedules.command()
