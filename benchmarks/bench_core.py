@@ -21,15 +21,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
-from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_app import app  # noqa: E402
+from compare import ensure_database  # noqa: E402
 
 from conveyor.config import load_settings  # noqa: E402
 from conveyor.db import migrate  # noqa: E402
@@ -139,16 +139,6 @@ def steady_latency(url: str, rate: int, seconds: float) -> tuple[float, float, f
     return q[49], q[94], q[98]
 
 
-def ensure_database(url: str) -> None:
-    """Create the database named in ``url`` if it does not exist (connecting to ``postgres`` for that)."""
-    name = conninfo_to_dict(url).get("dbname")
-    if not name:
-        raise SystemExit(f"--database-url must name a database: {url}")
-    with psycopg.connect(make_conninfo(url, dbname="postgres"), autocommit=True) as conn:
-        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(str(name))))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--database-url")
@@ -171,7 +161,10 @@ def main() -> None:
         server = EmbeddedPostgres(tmp / "data", ephemeral=True)
         url = server.start()
     else:
-        ensure_database(url)
+        parts = urlsplit(url)
+        if not parts.path.strip("/"):
+            raise SystemExit(f"--database-url must name a database: {url}")
+        ensure_database(parts._replace(path="/postgres").geturl(), parts.path.strip("/"))  # created if missing
     migrate.upgrade(url)
     app.configure(load_settings(None, overrides={"database_url": url}))
     try:
