@@ -145,11 +145,27 @@ def test_api__several_worker_processes(env: dict[str, str], workdir: Path) -> No
 
         wait_for("the API to answer", ready)
         answers = {get(f"{url}/api/v1/tasks", key).status_code for _ in range(10)}
+        # Enough streams that both processes almost surely hold some (connections are spread by the
+        # kernel); each process must end its own.
+        streams = [EventStream(f"{url}/api/v1/events", key) for _ in range(6)]
+        for stream in streams:
+            assert stream.connected.wait(WAIT_S), stream.lines
 
+        signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=WAIT_S)
+        stopped_s = time.monotonic() - signalled
+        for stream in streams:
+            stream.thread.join(timeout=5)
 
-        assert process.wait(timeout=WAIT_S) == 0
+    assert code == 0
     assert answers == {200}
+    # Not uvicorn's graceful timeout (10 s) in each process, waiting for streams that never end.
+    assert stopped_s < 6.0
+    for stream in streams:
+        assert not stream.thread.is_alive()
+        assert stream.error is None
+        assert "event: shutdown" in stream.lines
 
 
 @pytest.mark.slow

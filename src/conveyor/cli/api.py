@@ -14,10 +14,12 @@ import logging
 import os
 import signal
 import socket
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
@@ -211,7 +213,41 @@ def app_factory() -> FastAPI:
     from conveyor.api.app import create_app
 
     settings = load(None)
-    return create_app(_load_app(settings), close_on_shutdown=True)
+    api = create_app(_load_app(settings), close_on_shutdown=True)
+    _end_streams_on_stop_signals(api)
+    return api
+
+
+def _end_streams_on_stop_signals(api: FastAPI) -> None:
+    """In a process of ``conveyor api --workers N``: end the event streams as soon as a stop signal
+    arrives, then let uvicorn's own handler (which called this factory) do the rest.
+
+    uvicorn runs this process's signals, and after a stop signal it waits for open responses before
+    the application's shutdown runs; an event stream never ends by itself, so without this every stop
+    would take the whole graceful timeout. The stream ending is handed to the event loop (signal
+    handlers must not touch asyncio objects), and uvicorn restores its handlers' predecessors when it
+    stops, which removes this one too. If uvicorn has no handler installed here (another uvicorn
+    version, another caller), nothing is changed: the streams then end at the graceful timeout."""
+    from conveyor.api.operations import end_streams
+
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers belong to the main thread, where uvicorn runs its server
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        uvicorn_handler = signal.getsignal(sig)
+        if not callable(uvicorn_handler):
+            continue
+
+        def on_stop(
+            signum: int, frame: FrameType | None, handler: Callable[[int, FrameType | None], object] = uvicorn_handler
+        ) -> None:
+            loop.call_soon_threadsafe(end_streams, api)
+            handler(signum, frame)
+
+        signal.signal(sig, on_stop)
 
 
 def _load_app(settings: Settings) -> App:
