@@ -168,6 +168,19 @@ def test_api__several_worker_processes(env: dict[str, str], workdir: Path) -> No
         assert "event: shutdown" in stream.lines
 
 
+def test_api__the_socket_listens_before_the_server_starts() -> None:
+    # `conveyor up` and `conveyor api` print the URL, then start uvicorn: a client that connects in
+    # between must be queued by the kernel, not refused.
+    from conveyor.cli.api import _bind
+
+    sock = _bind("127.0.0.1", 0)
+    try:
+        with socket.create_connection(sock.getsockname(), timeout=5):
+            pass
+    finally:
+        sock.close()
+
+
 @pytest.mark.slow
 def test_api__a_busy_port_is_one_line_error(env: dict[str, str], workdir: Path) -> None:
     with socket.socket() as taken:

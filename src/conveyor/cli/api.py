@@ -64,6 +64,8 @@ LogFormatOption = Annotated[str | None, typer.Option("--log-format", help="conso
 
 #: Seconds open requests get to finish after a stop signal (a second signal stops at once).
 GRACEFUL_SHUTDOWN_S = 10
+#: Connections the kernel queues before they are accepted (uvicorn's default).
+_BACKLOG = 2048
 
 
 class _NoColorMessage(logging.Filter):
@@ -263,6 +265,9 @@ def _bind(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        # Listening from here on: a client that read the printed URL while the server was still
+        # starting waits in the kernel's backlog until it is served, rather than being refused.
+        sock.listen(_BACKLOG)
     except OSError as exc:
         sock.close()
         raise BadInput(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
