@@ -16,7 +16,7 @@ import signal
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import partial
 from pathlib import Path
 from types import FrameType
@@ -246,7 +246,8 @@ def _end_streams_on_stop_signals(api: FastAPI) -> None:
         def on_stop(
             signum: int, frame: FrameType | None, handler: Callable[[int, FrameType | None], object] = uvicorn_handler
         ) -> None:
-            loop.call_soon_threadsafe(end_streams, api)
+            with suppress(RuntimeError):  # the loop already closed: there are no streams left
+                loop.call_soon_threadsafe(end_streams, api)
             handler(signum, frame)
 
         signal.signal(sig, on_stop)
