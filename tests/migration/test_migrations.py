@@ -61,3 +61,30 @@ def test_downgrade_to_base__removes_everything(empty_database_url: str) -> None:
     finally:
         engine.dispose()
     assert leftover == []
+
+
+def test_task_tables__are_vacuumed_and_analysed_sooner_than_the_defaults(empty_database_url: str) -> None:
+    from alembic import command
+
+    def options() -> dict[str, dict[str, str]]:
+        engine = create_engine(sqlalchemy_url(empty_database_url))
+        try:
+            with engine.connect() as conn:
+                rows = conn.exec_driver_sql(
+                    "SELECT relname, reloptions FROM pg_class "
+                    "WHERE relname IN ('conveyor_tasks', 'conveyor_task_events') AND relkind = 'r'"
+                ).all()
+        finally:
+            engine.dispose()
+        return {name: dict(o.split("=", 1) for o in (opts or [])) for name, opts in rows}
+
+    migrate.upgrade(empty_database_url)
+    tuned = options()
+    assert float(tuned["conveyor_tasks"]["autovacuum_vacuum_scale_factor"]) <= 0.02
+    assert float(tuned["conveyor_tasks"]["autovacuum_analyze_scale_factor"]) <= 0.02
+    assert float(tuned["conveyor_task_events"]["autovacuum_vacuum_insert_scale_factor"]) <= 0.05
+
+    command.downgrade(migrate.alembic_config(empty_database_url), "0007")
+    assert options() == {"conveyor_tasks": {}, "conveyor_task_events": {}}
+    migrate.upgrade(empty_database_url)
+    assert options() == tuned
