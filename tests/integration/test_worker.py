@@ -296,3 +296,29 @@ async def test_result_too_large__fails_without_retry(database_url: str) -> None:
     finally:
         await app.aclose()
         app.close()
+
+
+async def test_pause__arriving_while_a_claim_is_under_way__nothing_enqueued_after_it_is_claimed(
+    aapp: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    @aapp.task(name="after_pause")
+    def after_pause() -> None:
+        return None
+
+    worker = Worker(aapp)
+    worker.store = aapp.runtime().tasks  # what run() does first; the claim is driven by hand below
+    enqueued: list[conveyor.TaskHandle] = []
+    read_limits = worker.store.queue_limits
+
+    async def limits_then_pause(queues: list[str]) -> object:
+        found = await read_limits(queues)
+        # The heartbeat's answer lands while this claim reads the queue limits (its first statement);
+        # an operator who sees the worker paused then enqueues.
+        worker.paused = True
+        enqueued.append(await after_pause.enqueue_async())
+        return found
+
+    monkeypatch.setattr(worker.store, "queue_limits", limits_then_pause)
+
+    assert await worker._claim(10) == []
+    assert await enqueued[0].status_async() == TaskState.QUEUED

@@ -242,15 +242,19 @@ class Worker:
         if not limited:
             if not unlimited:
                 return None
+            if not self._may_claim():
+                return []
             return await self.store.claim(self.id, unlimited, want, self.lease_s)
         # Limited queues first: what they may take is bounded by their limits, so they cannot starve
         # the others, while the others' backlog could starve them.
+        if not self._may_claim():
+            return []
         result = await self.store.claim_limited(self.id, limited, want, self.lease_s)
         # Timed from the answer, not the question: "next token in" was measured on the database
         # during the round trip, and counting from before it would come back early for nothing.
         self.gates.after_claim(result.gates, time.monotonic(), recheck_s=self.settings.poll_interval_s)
         claimed = result.tasks
-        if unlimited and len(claimed) < want:
+        if unlimited and len(claimed) < want and self._may_claim():
             try:
                 claimed = claimed + await self.store.claim(self.id, unlimited, want - len(claimed), self.lease_s)
             except DatabaseError as exc:
@@ -260,6 +264,12 @@ class Worker:
                 # their leases (that would count as a lost worker). The rest is claimed next round.
                 log.warning("claim failed (%s) after claiming %d limited tasks; running those", exc, len(claimed))
         return claimed
+
+    def _may_claim(self) -> bool:
+        """Checked again right before each claim statement: a pause or stop that arrived while this
+        claim was under way (reading limits, or between its two statements) holds from that moment,
+        so no task enqueued after the worker saw it is claimed."""
+        return not self.paused and not self.stopping
 
     def _limits_wait_s(self, poll_s: float) -> float:
         ready_in = self.gates.ready_in_s(time.monotonic())
