@@ -21,26 +21,25 @@ depends_on = None
 # picture of which states are rare is what keeps it on the partial indexes. The history table is
 # insert-mostly: vacuuming it after 5 % new rows keeps its visibility map current for index-only reads.
 # SET (...) takes a SHARE UPDATE EXCLUSIVE lock: reads and writes go on while it runs.
-TASKS = {
-    "autovacuum_vacuum_scale_factor": "0.02",
-    "autovacuum_vacuum_threshold": "1000",
-    "autovacuum_analyze_scale_factor": "0.02",
-    "autovacuum_analyze_threshold": "1000",
-    "autovacuum_vacuum_insert_scale_factor": "0.05",
-}
-EVENTS = {
-    "autovacuum_vacuum_scale_factor": "0.05",
-    "autovacuum_vacuum_insert_scale_factor": "0.05",
-}
-SETTINGS = {"conveyor_tasks": TASKS, "conveyor_task_events": EVENTS}
 
 
 def upgrade() -> None:
-    for table, options in SETTINGS.items():
-        listed = ", ".join(f"{name} = {value}" for name, value in options.items())
-        op.execute(f"ALTER TABLE {table} SET ({listed})")
+    op.execute(
+        "ALTER TABLE conveyor_tasks SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_threshold = 1000, "
+        "autovacuum_analyze_scale_factor = 0.02, autovacuum_analyze_threshold = 1000, "
+        "autovacuum_vacuum_insert_scale_factor = 0.05)"
+    )
+    op.execute(
+        "ALTER TABLE conveyor_task_events "
+        "SET (autovacuum_vacuum_scale_factor = 0.05, autovacuum_vacuum_insert_scale_factor = 0.05)"
+    )
 
 
 def downgrade() -> None:
-    for table, options in SETTINGS.items():
-        op.execute(f"ALTER TABLE {table} RESET ({', '.join(options)})")
+    op.execute(
+        "ALTER TABLE conveyor_tasks RESET (autovacuum_vacuum_scale_factor, autovacuum_vacuum_threshold, "
+        "autovacuum_analyze_scale_factor, autovacuum_analyze_threshold, autovacuum_vacuum_insert_scale_factor)"
+    )
+    op.execute(
+        "ALTER TABLE conveyor_task_events RESET (autovacuum_vacuum_scale_factor, autovacuum_vacuum_insert_scale_factor)"
+    )
