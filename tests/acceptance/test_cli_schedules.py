@@ -75,7 +75,8 @@ def test_schedules_status__no_leader_then_a_live_leader_then_its_lease_lapsed_af
     assert (report["status"], report["leader"], report["processes"]) == ("no-leader", None, [])
     assert report["problems"] == ["no scheduler has ever held the leader lease"]
 
-    fast = {"CONVEYOR_SCHEDULER__LEADER_LEASE_S": "1", "CONVEYOR_SCHEDULER__TICK_INTERVAL_S": "0.2"}
+    # A lease long enough that a loaded test machine never lets it lapse while the scheduler lives.
+    fast = {"CONVEYOR_SCHEDULER__LEADER_LEASE_S": "3", "CONVEYOR_SCHEDULER__TICK_INTERVAL_S": "0.2"}
     scheduler = subprocess.Popen(
         [PYTHON, "-m", "conveyor", "scheduler"],
         env=subprocess_env(database_url, **fast),
@@ -105,8 +106,8 @@ def test_schedules_status__no_leader_then_a_live_leader_then_its_lease_lapsed_af
         scheduler.kill()
         scheduler.wait(30)
 
-    # Killed, it neither released its lease nor withdrew its row: the lease lapses within a second,
-    # and the row turns stale after two leases.
+    # Killed, it neither released its lease nor withdrew its row: the lease lapses within 3 s, and the
+    # row turns stale after two leases.
     wait_until(
         lambda: query(database_url, "SELECT count(*) FROM conveyor_leases WHERE expires_at > now()") == [(0,)],
         timeout_s=30,
