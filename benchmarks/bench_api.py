@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -70,7 +70,7 @@ FROM (
                 WHEN i %% 25 = 0 THEN 'cancelled'
                 WHEN i %% 12 = 0 THEN 'dead'
                 ELSE 'succeeded' END AS state
-    FROM generate_series(%(first)s, %(last)s) AS i
+    FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS i
 ) seed
 """
 
@@ -159,10 +159,22 @@ def follow_pages(client: httpx.Client, params: dict[str, object], pages: int) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run_benchmark(__doc__, "conveyor-bench-api-", measure)
+
+
+def run_benchmark(
+    description: str | None,
+    tmp_prefix: str,
+    measure: Callable[[httpx.Client, int], None],
+    prepare: Callable[[App], Awaitable[None]] | None = None,
+) -> None:
+    """The command line shared with bench_search.py: parse the arguments, get a database (started from
+    the embedded binaries without --database-url), seed it unless --no-seed, ``prepare`` it, make a
+    read-only key, serve the API on a free port and ``measure`` through a client that presents the key."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--database-url")
     parser.add_argument("--tasks", type=int, default=1_000_000)
-    parser.add_argument("--repeat", type=int, default=15, help="requests per list/statistics kind")
+    parser.add_argument("--repeat", type=int, default=15, help="requests per kind")
     parser.add_argument("--no-seed", action="store_true", help="reuse the tasks already in the database")
     args = parser.parse_args()
 
@@ -171,7 +183,7 @@ def main() -> None:
     if url is None:
         from conveyor.db.embedded import EmbeddedPostgres
 
-        tmp = Path(tempfile.mkdtemp(prefix="conveyor-bench-api-"))
+        tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix))
         tmp.chmod(0o755)
         server = EmbeddedPostgres(tmp / "data", ephemeral=True)
         url = server.start()
@@ -183,13 +195,15 @@ def main() -> None:
         app = App(settings=load_settings(None, environ={}, overrides={"database_url": url}))
         key = new_key()
 
-        async def make_key() -> None:
+        async def set_up() -> None:
+            if prepare is not None:
+                await prepare(app)
             await ApiKeyStore(app.runtime().engine).create(
                 name="bench", prefix=key.prefix, key_hash=key.key_hash, scopes=["tasks:read"]
             )
             await app.aclose()
 
-        asyncio.run(make_key())
+        asyncio.run(set_up())
         with (
             Server(app, free_port()) as running,
             httpx.Client(

@@ -14,10 +14,7 @@ may answer a partial first page; for those it also follows the cursor to the who
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,14 +24,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_api import Server, free_port, percentile, seed
+from bench_api import percentile, run_benchmark
 
-from conveyor.api.auth import new_key
 from conveyor.app import App
-from conveyor.config import load_settings
-from conveyor.db import migrate
 from conveyor.db.analytics_store import AnalyticsStore
-from conveyor.db.api_key_store import ApiKeyStore
 
 
 def timed(client: httpx.Client, method: str, path: str, **kwargs: Any) -> tuple[float, dict[str, Any]]:
@@ -169,59 +162,20 @@ def measure(client: httpx.Client, repeat: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--database-url")
-    parser.add_argument("--tasks", type=int, default=1_000_000)
-    parser.add_argument("--repeat", type=int, default=15, help="requests per kind")
-    parser.add_argument("--no-seed", action="store_true", help="reuse the tasks already in the database")
-    args = parser.parse_args()
+    run_benchmark(__doc__, "conveyor-bench-search-", measure, prepare=roll_up)
 
-    server = None
-    url = args.database_url
-    if url is None:
-        from conveyor.db.embedded import EmbeddedPostgres
 
-        tmp = Path(tempfile.mkdtemp(prefix="conveyor-bench-search-"))
-        tmp.chmod(0o755)
-        server = EmbeddedPostgres(tmp / "data", ephemeral=True)
-        url = server.start()
-    migrate.upgrade(url)
-    try:
-        if not args.no_seed:
-            print(f"seeding {args.tasks:,} tasks ...")
-            print(f"  took {seed(url, args.tasks):.1f} s")
-        app = App(settings=load_settings(None, environ={}, overrides={"database_url": url}))
-        key = new_key()
-
-        async def prepare() -> None:
-            store = AnalyticsStore(app.runtime().engine)
-            started = time.perf_counter()
-            rows = 0
-            while True:
-                rolled = await store.roll_up(budget_s=30.0)
-                rows += rolled.rows
-                if rolled.rows == 0:
-                    break
-            print(f"statistics rollup brought up to date: {rows:,} rows in {time.perf_counter() - started:.1f} s")
-            await ApiKeyStore(app.runtime().engine).create(
-                name="bench", prefix=key.prefix, key_hash=key.key_hash, scopes=["tasks:read"]
-            )
-            await app.aclose()
-
-        asyncio.run(prepare())
-        with (
-            Server(app, free_port()) as running,
-            httpx.Client(
-                base_url=f"http://127.0.0.1:{running.server.config.port}",
-                headers={"Authorization": f"Bearer {key.key}"},
-                timeout=60,
-            ) as client,
-        ):
-            measure(client, args.repeat)
-        app.close()
-    finally:
-        if server is not None:
-            server.stop()
+async def roll_up(app: App) -> None:
+    """Bring the statistics rollup up to date first (analytics read it), and say how long that took."""
+    store = AnalyticsStore(app.runtime().engine)
+    started = time.perf_counter()
+    rows = 0
+    while True:
+        rolled = await store.roll_up(budget_s=30.0)
+        rows += rolled.rows
+        if rolled.rows == 0:
+            break
+    print(f"statistics rollup brought up to date: {rows:,} rows in {time.perf_counter() - started:.1f} s")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ from conveyor.cli.common import (
     DatabaseUrlOption,
     EarlySignals,
     JsonOption,
+    LogFormatOption,
+    LogLevelOption,
     import_app,
     load,
     opened,
@@ -57,10 +59,6 @@ PortOption = Annotated[
 WorkersOption = Annotated[
     int | None, typer.Option("--workers", help="Server processes (default 1).", min=1, show_default=False)
 ]
-LogLevelOption = Annotated[
-    str | None, typer.Option("--log-level", help="debug, info, warning or error.", show_default=False)
-]
-LogFormatOption = Annotated[str | None, typer.Option("--log-format", help="console or json.", show_default=False)]
 
 #: Seconds open requests get to finish after a stop signal (a second signal stops at once).
 GRACEFUL_SHUTDOWN_S = 10

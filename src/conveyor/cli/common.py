@@ -50,6 +50,10 @@ AppOption = Annotated[
     typer.Option("--app", help="The app, as package.module:attribute.", show_default=False),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
+LogLevelOption = Annotated[
+    str | None, typer.Option("--log-level", help="debug, info, warning or error.", show_default=False)
+]
+LogFormatOption = Annotated[str | None, typer.Option("--log-format", help="console or json.", show_default=False)]
 
 
 def load(config: Path | None, overrides: Mapping[str, Any] | None = None) -> Settings:

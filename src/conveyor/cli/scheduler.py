@@ -28,6 +28,8 @@ from conveyor.cli.common import (
     DatabaseUrlOption,
     EarlySignals,
     JsonOption,
+    LogFormatOption,
+    LogLevelOption,
     import_app,
     load,
     opened,
@@ -57,10 +59,8 @@ def scheduler(
     leader_lease: Annotated[
         float | None, typer.Option("--leader-lease", help="Seconds a leader's lease lasts.", show_default=False)
     ] = None,
-    log_level: Annotated[
-        str | None, typer.Option("--log-level", help="debug, info, warning or error.", show_default=False)
-    ] = None,
-    log_format: Annotated[str | None, typer.Option("--log-format", help="console or json.", show_default=False)] = None,
+    log_level: LogLevelOption = None,
+    log_format: LogFormatOption = None,
     config: ConfigOption = None,
 ) -> None:
     """Run a scheduler until SIGTERM/SIGINT: any number may run, one leads and enqueues what is due.

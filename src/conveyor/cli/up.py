@@ -13,7 +13,7 @@ import logging
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Protocol
+from typing import Protocol
 
 import typer
 
@@ -24,6 +24,8 @@ from conveyor.cli.common import (
     ConfigOption,
     DatabaseUrlOption,
     EarlySignals,
+    LogFormatOption,
+    LogLevelOption,
     exit_leaving_threads,
     import_app,
     load,
@@ -78,10 +80,8 @@ class SchedulerService:
 def up(
     app_ref: AppOption = None,
     database_url: DatabaseUrlOption = None,
-    log_level: Annotated[
-        str | None, typer.Option("--log-level", help="debug, info, warning or error.", show_default=False)
-    ] = None,
-    log_format: Annotated[str | None, typer.Option("--log-format", help="console or json.", show_default=False)] = None,
+    log_level: LogLevelOption = None,
+    log_format: LogFormatOption = None,
     host: HostOption = None,
     port: PortOption = None,
     config: ConfigOption = None,

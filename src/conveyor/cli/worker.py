@@ -16,6 +16,8 @@ from conveyor.cli.common import (
     ConfigOption,
     DatabaseUrlOption,
     EarlySignals,
+    LogFormatOption,
+    LogLevelOption,
     exit_leaving_threads,
     import_app,
     load,
@@ -59,10 +61,8 @@ def worker(
         float | None,
         typer.Option("--shutdown-grace", help="Seconds in-flight tasks get after SIGTERM.", show_default=False),
     ] = None,
-    log_level: Annotated[
-        str | None, typer.Option("--log-level", help="debug, info, warning or error.", show_default=False)
-    ] = None,
-    log_format: Annotated[str | None, typer.Option("--log-format", help="console or json.", show_default=False)] = None,
+    log_level: LogLevelOption = None,
+    log_format: LogFormatOption = None,
     config: ConfigOption = None,
 ) -> None:
     """Run a worker that claims and executes tasks until SIGTERM/SIGINT (a second signal aborts)."""
