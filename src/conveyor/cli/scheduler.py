@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from conveyor.api.schemas_scheduler import SchedulerOut
 from conveyor.app import App
 from conveyor.cli.common import (
     AppOption,
@@ -141,7 +142,8 @@ def status(as_json: JsonOption = False, database_url: DatabaseUrlOption = None, 
 
     overview = _with_store(config, database_url, fetch)
     if as_json:
-        typer.echo(json.dumps(scheduler_data(overview), default=_json_default, indent=2))
+        # The API's body for GET /api/v1/scheduler: one shape for scripts, whichever way they ask.
+        typer.echo(json.dumps(SchedulerOut.of(overview).model_dump(mode="json"), indent=2))
     else:
         _print_overview(overview)
     if overview.status != "ok":
@@ -164,23 +166,6 @@ def _print_overview(overview: SchedulerOverview) -> None:
     console.print(table)
     for problem in overview.problems:
         console.print(Text(f"problem: {problem}"))
-
-
-def scheduler_data(overview: SchedulerOverview) -> dict[str, Any]:
-    """The schedulers' health as JSON-ready data (``schedules status --json``), shaped like the API's
-    ``GET /api/v1/scheduler``."""
-    processes = [{**asdict(p), "stale": p.stale} for p in overview.processes]
-    leader = None
-    if overview.lease is not None:
-        leader = {**asdict(overview.lease), "expired": overview.leader_expired}
-        leader.pop("name")
-    return {
-        "status": overview.status,
-        "checked_at": overview.checked_at,
-        "leader": leader,
-        "processes": processes,
-        "problems": overview.problems,
-    }
 
 
 @schedules.command()

@@ -239,16 +239,14 @@ class Worker:
             # break it.
             self.gates.update(await self.store.queue_limits(self.queues))
         unlimited, limited = self.gates.claimable(time.monotonic())
+        if not limited and not unlimited:
+            return None
+        if not self._may_claim():
+            return []
         if not limited:
-            if not unlimited:
-                return None
-            if not self._may_claim():
-                return []
             return await self.store.claim(self.id, unlimited, want, self.lease_s)
         # Limited queues first: what they may take is bounded by their limits, so they cannot starve
         # the others, while the others' backlog could starve them.
-        if not self._may_claim():
-            return []
         result = await self.store.claim_limited(self.id, limited, want, self.lease_s)
         # Timed from the answer, not the question: "next token in" was measured on the database
         # during the round trip, and counting from before it would come back early for nothing.
